@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what Deckhand needs to build and to run its test bed, from Debian's packages.
+# Idempotent: a second run installs nothing and returns quickly.
+set -euo pipefail
+. "$(dirname "$0")/lib/common.sh"
+need_root
+
+PKGS=(
+  # build
+  protobuf-compiler pkg-config gcc make git
+  # test bed
+  docker-registry apache2-utils containerd runc etcd-server openssl busybox-static
+  containernetworking-plugins iproute2 iptables nftables procps psmisc
+  # building kube-apiserver & co. from Debian's source package
+  golang-go rsync dpkg-dev
+)
+
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  # Debian's docker-registry and containerd packages try to start services via init
+  # scripts; there is no init system here, so keep them from starting anything.
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  rm -f /usr/sbin/policy-rc.d
+fi
+
+command -v cargo >/dev/null || die "cargo not found: Deckhand needs a Rust toolchain (rustup)"
+log "dependencies present"
