@@ -22,7 +22,9 @@ fi
 
 VERSION=$(apt-cache showsrc kubernetes | awk '/^Version:/ {print $2; exit}')
 [ -n "$VERSION" ] || die "no source package 'kubernetes' found"
-OUT="$DH_CACHE/kube-$VERSION"
+# RECIPE changes whenever this script builds differently, so stale binaries are never reused.
+RECIPE=2
+OUT="$DH_CACHE/kube-$VERSION-r$RECIPE"
 BIN="$OUT/bin"
 WANT=(kube-apiserver kube-scheduler kube-controller-manager kubelet)
 
@@ -49,6 +51,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   log "fetching the source of kubernetes $VERSION"
   (cd "$WORK" && apt-get source -qq --download-only kubernetes >/dev/null && dpkg-source -x kubernetes_*.dsc src >/dev/null)
   SRC="$WORK/src"
+  # Kubernetes 1.20 vendors modern-go/reflect2 1.0.1, which panics at run time when built with
+  # Go >= 1.18 (Debian 12 has 1.19): the API server crashes on ordinary requests. Build against
+  # Debian's reflect2 1.0.2 instead, the fix upstream took in later releases.
+  (cd "$WORK" && apt-get download -qq golang-github-modern-go-reflect2-dev >/dev/null \
+    && dpkg-deb -x golang-github-modern-go-reflect2-dev_*.deb reflect2)
+  r2="$WORK/reflect2/usr/share/gocode/src/github.com/modern-go/reflect2"
+  [ -f "$r2/reflect2.go" ] || die "Debian's reflect2 source not found in golang-github-modern-go-reflect2-dev"
+  rm -rf "$SRC/vendor/github.com/modern-go/reflect2"
+  cp -r "$r2" "$SRC/vendor/github.com/modern-go/reflect2"
+  rm -f "$SRC/vendor/github.com/modern-go/reflect2/go.mod"
   # As debian/rules does: a GOPATH whose k8s.io/kubernetes is the source tree, vendored modules.
   mkdir -p "$WORK/gopath/src/k8s.io"
   ln -s "$SRC" "$WORK/gopath/src/k8s.io/kubernetes"

@@ -14,6 +14,7 @@ need_root
 
 cmd=${1:-status}
 DIR=${2:-${DH_TESTBED_DIR:-/tmp/dh-testbed}}
+case "$DIR" in /*) ;; *) DIR="$PWD/$DIR" ;; esac
 HERE="$DH_ROOT/hack/testbed"
 PARTS=(registry containerd controlplane)
 

@@ -40,7 +40,7 @@ oom_score = 0
     config_path = "$C/certs.d"
 TOML
   dh_alive "$DIR" containerd || dh_start "$DIR" containerd containerd --config "$C/config.toml"
-  dh_wait "$DIR" containerd 30 ctr --address "$C/containerd.sock" version
+  dh_wait "$DIR" containerd 30 "its socket" ctr --address "$C/containerd.sock" version
   cat >"$DIR/containerd.env" <<ENV
 DH_CONTAINERD_SOCKET=$C/containerd.sock
 DH_CONTAINERD_CONFIG=$C/config.toml

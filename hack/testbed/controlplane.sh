@@ -27,8 +27,6 @@ SERVICE_CIDR=${DH_SERVICE_CIDR:-10.96.0.0/16}
 CLUSTER_CIDR=${DH_CLUSTER_CIDR:-10.244.0.0/16}
 TIMEOUT=${DH_CP_TIMEOUT:-120}
 SA_ISSUER=https://kubernetes.default.svc.cluster.local
-# Started in this order, stopped in the reverse one.
-COMPONENTS=(etcd kube-apiserver kube-scheduler kube-controller-manager)
 
 abs_dir() { mkdir -p "$1" && (cd "$1" && pwd); }
 
@@ -37,6 +35,7 @@ abs_dir() { mkdir -p "$1" && (cd "$1" && pwd); }
 
 first_ip() { # CIDR -> its network address + 1
   local ip=${1%/*} bits=${1#*/} a b c d n
+  [[ "$1" =~ ^([0-9]{1,3}\.){3}[0-9]{1,3}/([0-9]|[12][0-9]|3[0-2])$ ]] || die "bad IPv4 CIDR '$1'"
   IFS=. read -r a b c d <<<"$ip"
   n=$(( ((a << 24) | (b << 16) | (c << 8) | d) & (0xffffffff << (32 - bits)) & 0xffffffff ))
   n=$((n + 1))
@@ -145,106 +144,39 @@ make_pki() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# Processes: started in their own session, PID recorded; only a recorded PID whose command line
-# still names DIR and the component is ever signalled.
+# Processes: started, waited for and stopped through hack/lib/common.sh (dh_start, dh_wait,
+# dh_stop), which only ever signal a recorded PID whose command line still names DIR.
 
-pid_of() { # NAME -> PID of the live recorded process, or fails
-  local f="$DIR/pids/$1.pid" pid state argv0 cmdline
-  [ -s "$f" ] || return 1
-  read -r pid <"$f" || return 1
-  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-  state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) || return 1
-  [ -n "$state" ] && [ "$state" != Z ] || return 1
-  argv0=$(tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | head -n 1) || return 1
-  cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
-  [ "${argv0##*/}" = "$1" ] || return 1
-  case "$cmdline" in *" "*"$DIR/"*) echo "$pid" ;; *) return 1 ;; esac
-}
-
-port_free() { ! ss -Hltn "sport = :$1" 2>/dev/null | grep -q .; }
-
-start() { # NAME PORT... -- COMMAND...
+start() { # NAME PORT... -- COMMAND...: refuses busy ports, then dh_start
   local name=$1; shift
   while [ "$1" != -- ]; do
-    port_free "$1" || die "$name: 127.0.0.1:$1 is already in use (set its DH_*_PORT)"
+    dh_port_free "$1" || die "$name: 127.0.0.1:$1 is already in use (set its DH_*_PORT)"
     shift
   done
   shift
-  log "starting $name"
   : >"$DIR/logs/$name.log"
-  # The wrapper records its own PID, then becomes the component (exec keeps the PID).
-  # shellcheck disable=SC2016
-  setsid bash -c 'echo $$ >"$0"; exec "$@"' "$DIR/pids/$name.pid" "$@" \
-    </dev/null >>"$DIR/logs/$name.log" 2>&1 &
-  for _ in $(seq 1 50); do pid_of "$name" >/dev/null && return 0; sleep 0.1; done
-  fail "$name" "did not start"
+  dh_start "$DIR" "$name" "$@"
 }
 
-stop_all() {
-  local name pid pids=() i
-  for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
-    name=${COMPONENTS[i]}
-    if pid=$(pid_of "$name"); then
-      log "stopping $name ($pid)"
-      kill -TERM "$pid" 2>/dev/null || true
-      pids+=("$name:$pid")
-    fi
-  done
-  for i in $(seq 1 50); do
-    local left=0
-    for p in "${pids[@]}"; do pid_of "${p%%:*}" >/dev/null && left=1; done
-    [ "$left" = 0 ] && break
-    sleep 0.1
-  done
-  for p in "${pids[@]}"; do
-    if pid=$(pid_of "${p%%:*}"); then
-      log "killing ${p%%:*} ($pid)"
-      kill -KILL "$pid" 2>/dev/null || true
-    fi
-  done
-  for i in $(seq 1 30); do
-    local left=0
-    for p in "${pids[@]}"; do pid_of "${p%%:*}" >/dev/null && left=1; done
-    [ "$left" = 0 ] && break
-    sleep 0.1
-  done
-  for name in "${COMPONENTS[@]}"; do
-    pid_of "$name" >/dev/null && die "$name is still running"
-    rm -f "$DIR/pids/$name.pid"
-  done
-}
-
-fail() { # NAME MESSAGE: show the log's tail and exit non-zero (the EXIT trap of `up` cleans up)
-  local f="$DIR/logs/$1.log"
-  log "error: $1: $2"
-  if grep -qE '^[EF][0-9]{4} ' "$f" 2>/dev/null; then
-    log "last errors in $f:"
-    grep -E '^[EF][0-9]{4} ' "$f" | tail -n 10 | cut -c1-400 >&2
-  fi
-  log "last lines of $f:"
-  tail -n 30 "$f" 2>/dev/null | cut -c1-400 >&2 || true
-  exit 1
-}
+stop_all() { dh_stop "$DIR" kube-controller-manager kube-scheduler kube-apiserver etcd; }
 
 on_up_exit() { # a failed `up` stops what is running, unless DH_CP_KEEP_ON_FAILURE=1
   local rc=$?
   [ "$rc" = 0 ] || [ "${DH_CP_KEEP_ON_FAILURE:-0}" = 1 ] || { log "up failed: stopping the control plane"; stop_all || true; }
 }
 
-wait_for() { # NAME WHAT COMMAND...: poll COMMAND until it succeeds, NAME dies or TIMEOUT passes
-  local name=$1 what=$2 deadline=$((SECONDS + TIMEOUT)); shift 2
-  until "$@" >/dev/null 2>&1; do
-    pid_of "$name" >/dev/null || fail "$name" "exited while waiting for $what"
-    [ "$SECONDS" -lt "$deadline" ] || fail "$name" "no $what after ${TIMEOUT}s"
-    sleep 0.5
-  done
-}
+wait_for() { dh_wait "$DIR" "$1" "$TIMEOUT" "$2" "${@:3}"; }
 
 api_get() { # PATH [GREP-PATTERN]: GET on the API server as the admin
   local out
   out=$(curl -sf --max-time 5 --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key" \
     "https://127.0.0.1:$API_PORT$1") || return 1
   [ -z "${2:-}" ] || grep -q -- "$2" <<<"$out"
+}
+
+api() { # METHOD PATH [JSON-BODY]: a request to the API server as the admin
+  curl -sf --max-time 5 --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key" \
+    -X "$1" -H 'Content-Type: application/json' ${3:+--data "$3"} "https://127.0.0.1:$API_PORT$2"
 }
 
 healthz() { curl -skf --max-time 5 "https://127.0.0.1:$1/healthz" | grep -qx ok; }
@@ -271,7 +203,7 @@ up)
   command -v etcd >/dev/null || die "etcd is not installed (etcd-server)"
   make_pki
 
-  pid_of etcd >/dev/null || start etcd "$ETCD_PORT" "$ETCD_PEER_PORT" -- etcd \
+  dh_alive "$DIR" etcd || start etcd "$ETCD_PORT" "$ETCD_PEER_PORT" -- etcd \
     --name dh-etcd --data-dir "$DIR/etcd" \
     --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
     --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
@@ -280,11 +212,10 @@ up)
     --initial-cluster-token dh-etcd --initial-cluster-state new \
     --quota-backend-bytes $((512 * 1024 * 1024)) --snapshot-count 10000 \
     --auto-compaction-mode periodic --auto-compaction-retention 10m \
-    --heartbeat-interval 250 --election-timeout 2500 \
     --logger zap --log-level warn
   wait_for etcd "/health" curl -sf --max-time 5 "http://127.0.0.1:$ETCD_PORT/health"
 
-  pid_of kube-apiserver >/dev/null || start kube-apiserver "$API_PORT" -- "$BIN/kube-apiserver" \
+  dh_alive "$DIR" kube-apiserver || start kube-apiserver "$API_PORT" -- "$BIN/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
     --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" \
     --cert-dir "$PKI/apiserver-generated" \
@@ -302,19 +233,19 @@ up)
     --profiling=false --v 1
   wait_for kube-apiserver "/readyz" api_get /readyz
 
-  pid_of kube-scheduler >/dev/null || start kube-scheduler "$SCHED_PORT" -- "$BIN/kube-scheduler" \
+  # The secure ports of the scheduler and the controller-manager serve /healthz only: without
+  # --authentication-kubeconfig they skip the extension-apiserver-authentication lookup (this
+  # API server has no request-header CA, so the lookup would retry forever) and every request
+  # is anonymous, which the always-allowed /healthz accepts and everything else refuses.
+  dh_alive "$DIR" kube-scheduler || start kube-scheduler "$SCHED_PORT" -- "$BIN/kube-scheduler" \
     --kubeconfig "$DIR/kube-scheduler.kubeconfig" \
-    --authentication-kubeconfig "$DIR/kube-scheduler.kubeconfig" \
-    --authorization-kubeconfig "$DIR/kube-scheduler.kubeconfig" \
     --bind-address 127.0.0.1 --secure-port "$SCHED_PORT" --port 0 \
     --leader-elect=false --profiling=false --v 1
-  pid_of kube-controller-manager >/dev/null || start kube-controller-manager "$KCM_PORT" -- \
+  dh_alive "$DIR" kube-controller-manager || start kube-controller-manager "$KCM_PORT" -- \
     "$BIN/kube-controller-manager" \
     --kubeconfig "$DIR/kube-controller-manager.kubeconfig" \
-    --authentication-kubeconfig "$DIR/kube-controller-manager.kubeconfig" \
-    --authorization-kubeconfig "$DIR/kube-controller-manager.kubeconfig" \
     --bind-address 127.0.0.1 --secure-port "$KCM_PORT" --port 0 \
-    --leader-elect=false --cluster-name dh \
+    --leader-elect=false --cluster-name dh --kube-api-qps 50 --kube-api-burst 100 \
     --use-service-account-credentials=true \
     --service-account-private-key-file "$PKI/sa.key" --root-ca-file "$PKI/ca.crt" \
     --cluster-signing-kubelet-client-cert-file "$PKI/ca.crt" \
@@ -335,6 +266,15 @@ up)
   wait_for kube-controller-manager "the default service account's token" \
     api_get /api/v1/namespaces/default/serviceaccounts/default '"secrets"'
   wait_for kube-apiserver "namespace kube-node-lease" api_get /api/v1/namespaces/kube-node-lease
+  # With a reused DIR those exist already, while the controller-manager may still be starting
+  # its controllers (node IPAM alone waits 10s). A service account appearing in a fresh probe
+  # namespace shows that its controllers run; the namespace is deleted again right away.
+  probe="dh-cp-ready-$(date +%s)"
+  api POST /api/v1/namespaces "{\"apiVersion\":\"v1\",\"kind\":\"Namespace\",\"metadata\":{\"name\":\"$probe\"}}" \
+    >/dev/null || dh_fail "$DIR" kube-apiserver "cannot create namespace $probe"
+  wait_for kube-controller-manager "a service account in namespace $probe" \
+    api_get "/api/v1/namespaces/$probe/serviceaccounts/default" '"secrets"'
+  api DELETE "/api/v1/namespaces/$probe" >/dev/null || dh_fail "$DIR" kube-apiserver "cannot delete namespace $probe"
 
   cat >"$DIR/controlplane.env.tmp" <<ENV
 DH_APISERVER=https://127.0.0.1:$API_PORT

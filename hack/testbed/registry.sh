@@ -23,7 +23,7 @@ write_config() { # name port [auth]
     echo "  filesystem: { rootdirectory: $R/$name/storage }"
     echo "  delete: { enabled: true }"
     echo "http: { addr: 127.0.0.1:$port, secret: dh-testbed-$name }"
-    [ -n "$auth" ] && echo "auth: { htpasswd: { realm: dh-testbed, path: $R/htpasswd } }"
+    if [ -n "$auth" ]; then echo "auth: { htpasswd: { realm: dh-testbed, path: $R/htpasswd } }"; fi
   } >"$R/$name/config.yml"
 }
 
@@ -39,10 +39,14 @@ up)
   write_config plain "$PORT"
   write_config auth "$AUTH_PORT" yes
   for name in plain auth; do
+    if ! dh_alive "$DIR" "registry-$name"; then
+      port=$PORT; [ "$name" = auth ] && port=$AUTH_PORT
+      dh_port_free "$port" || die "registry-$name: 127.0.0.1:$port is already in use (set DH_REGISTRY_PORT/DH_REGISTRY_AUTH_PORT)"
+    fi
     dh_alive "$DIR" "registry-$name" || dh_start "$DIR" "registry-$name" docker-registry serve "$R/$name/config.yml"
   done
-  dh_wait "$DIR" registry-plain 30 curl -sf "http://127.0.0.1:$PORT/v2/"
-  dh_wait "$DIR" registry-auth 30 curl -sf -u "$user:$pass" "http://127.0.0.1:$AUTH_PORT/v2/"
+  dh_wait "$DIR" registry-plain 30 "/v2/" curl -sf "http://127.0.0.1:$PORT/v2/"
+  dh_wait "$DIR" registry-auth 30 "/v2/" curl -sf -u "$user:$pass" "http://127.0.0.1:$AUTH_PORT/v2/"
 
   images=${DH_TESTIMAGES_BIN:?DH_TESTIMAGES_BIN must name the built dh-testimages binary}
   log "pushing test images to 127.0.0.1:$PORT and 127.0.0.1:$AUTH_PORT"
@@ -61,8 +65,7 @@ DH_IMAGES_INDEX=$R/images.json
 ENV
   ;;
 down)
-  dh_stop "$DIR" registry-plain
-  dh_stop "$DIR" registry-auth
+  dh_stop "$DIR" registry-plain registry-auth
   ;;
 *) die "usage: $0 up|down DIR" ;;
 esac

@@ -129,6 +129,46 @@ impl Testbed {
         PathBuf::from(self.must("DH_PKI_DIR"))
     }
 
+    /// Creates a namespace named [`unique_name`]`(prefix)`, labelled as a Deckhand test's, and waits
+    /// until pods can be created in it: its `default` service account exists and, on API servers
+    /// older than 1.24 (the 1.20 test bed), has its token secret. Returns the name; the caller
+    /// deletes the namespace when done (also on failure).
+    pub async fn create_namespace(&self, client: &kube::Client, prefix: &str) -> Result<String> {
+        use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+        use kube::api::{Api, PostParams};
+
+        let name = unique_name(prefix);
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": name, "labels": { "deckhand.io/test": prefix } }
+        }))?;
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .with_context(|| format!("creating namespace {name}"))?;
+
+        let legacy_tokens = client
+            .apiserver_version()
+            .await
+            .map(|v| v.minor.trim_end_matches('+').parse::<u32>().unwrap_or(0) < 24)
+            .unwrap_or(true);
+        let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            if let Some(sa) = accounts.get_opt("default").await? {
+                let has_token = sa.secrets.as_ref().is_some_and(|s| !s.is_empty());
+                if has_token || !legacy_tokens {
+                    return Ok(name);
+                }
+            }
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!(
+                    "namespace {name}: no default service account (with token) after 60s"
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
     /// A kube client with admin rights on the test bed's API server.
     pub async fn kube_client(&self) -> Result<kube::Client> {
         install_crypto_provider();

@@ -57,7 +57,10 @@ async fn busybox_manifest_by_tag_and_by_digest_agree() -> Result<()> {
         .context("pull by digest")?;
 
     assert_eq!(tag_digest, digest_digest);
-    assert_eq!(tag_manifest, digest_manifest, "same bytes by tag and by digest");
+    assert_eq!(
+        tag_manifest, digest_manifest,
+        "same bytes by tag and by digest"
+    );
     // The registry serves what the image builder recorded: the digest is stable and known.
     assert_eq!(tag_digest, recorded.manifest_digest);
     let parsed: serde_json::Value = serde_json::from_slice(&tag_manifest)?;
@@ -89,10 +92,7 @@ async fn auth_registry_refuses_anonymous_and_serves_with_credentials() -> Result
 
     let creds = tb.auth_credentials();
     let (_, digest) = oci_client()
-        .pull_manifest(
-            &image,
-            &RegistryAuth::Basic(creds.username, creds.password),
-        )
+        .pull_manifest(&image, &RegistryAuth::Basic(creds.username, creds.password))
         .await
         .context("pull with credentials")?;
     // Both registries hold the same reproducibly built image.
@@ -106,13 +106,8 @@ async fn pod_is_stored_read_back_and_watched_to_deletion() -> Result<()> {
     let tb = Testbed::get();
     let client = tb.kube_client().await?;
 
-    let ns_name = unique_name("foundation");
+    let ns_name = tb.create_namespace(&client, "foundation").await?;
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    let ns: Namespace = serde_json::from_value(serde_json::json!({
-        "metadata": { "name": ns_name, "labels": { "deckhand.io/test": "foundation" } }
-    }))?;
-    namespaces.create(&PostParams::default(), &ns).await?;
-
     let result = pod_round_trip(client, &ns_name).await;
     // Always remove the namespace, also when the test failed.
     let _ = namespaces.delete(&ns_name, &DeleteParams::default()).await;
@@ -141,12 +136,20 @@ async fn pod_round_trip(client: kube::Client, ns: &str) -> Result<()> {
     let read = pods.get("dh-demo").await?;
     let spec = read.spec.context("pod read back without spec")?;
     assert_eq!(spec.node_name.as_deref(), Some(node.as_str()));
-    assert_eq!(spec.containers[0].command, Some(vec!["sleep".into(), "3600".into()]));
+    assert_eq!(
+        spec.containers[0].command,
+        Some(vec!["sleep".into(), "3600".into()])
+    );
     assert_eq!(read.metadata.uid, created.metadata.uid);
 
     // Watch from the creation's resourceVersion, then delete: the watch must see the deletion.
     let watch = pods
-        .watch(&WatchParams::default().fields("metadata.name=dh-demo").timeout(30), &rv)
+        .watch(
+            &WatchParams::default()
+                .fields("metadata.name=dh-demo")
+                .timeout(30),
+            &rv,
+        )
         .await?;
     let mut watch = watch.boxed();
     // Grace period 0: no kubelet runs for this node, so nothing would confirm a graceful stop.
@@ -194,16 +197,22 @@ async fn containerd_answers_version_and_namespaces() -> Result<()> {
 
     let name = unique_name("ns");
     let mut namespaces = NamespacesClient::new(channel);
-    namespaces
-        .create(CreateNamespaceRequest {
-            namespace: Some(Namespace {
-                name: name.clone(),
-                labels: [("deckhand.io/test".to_string(), "foundation".to_string())].into(),
-            }),
-        })
-        .await?;
+    // containerd publishes an event for the creation, in the namespace named by the request's
+    // metadata (ctr sends its default one): name the new namespace itself.
+    let mut create = tonic::Request::new(CreateNamespaceRequest {
+        namespace: Some(Namespace {
+            name: name.clone(),
+            labels: [("deckhand.io/test".to_string(), "foundation".to_string())].into(),
+        }),
+    });
+    create
+        .metadata_mut()
+        .insert("containerd-namespace", name.parse()?);
+    namespaces.create(create).await?;
     let listed = namespaces
-        .list(ListNamespacesRequest { filter: String::new() })
+        .list(ListNamespacesRequest {
+            filter: String::new(),
+        })
         .await?
         .into_inner();
     let found = listed.namespaces.iter().find(|n| n.name == name);
@@ -211,10 +220,15 @@ async fn containerd_answers_version_and_namespaces() -> Result<()> {
         .delete(DeleteNamespaceRequest { name: name.clone() })
         .await;
     let found = found.context("created namespace not listed")?;
-    assert_eq!(found.labels.get("deckhand.io/test").map(String::as_str), Some("foundation"));
+    assert_eq!(
+        found.labels.get("deckhand.io/test").map(String::as_str),
+        Some("foundation")
+    );
     deleted?;
     let after = namespaces
-        .list(ListNamespacesRequest { filter: String::new() })
+        .list(ListNamespacesRequest {
+            filter: String::new(),
+        })
         .await?
         .into_inner();
     assert!(after.namespaces.iter().all(|n| n.name != name));

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Benchmarks deckhand-bridge + deckhand-host-local against the reference bridge + host-local
+# (containernetworking-plugins in /usr/lib/cni) in the same run: N network namespaces
+# (dh-bench-…), ADD then DEL each, per configuration. Prints median and p99 per operation, the
+# batch time and the ratios ours/reference. Release build. Removes everything it creates, also
+# when interrupted. Run as root:  hack/bench/cni.sh [N]   (default 50)
+set -euo pipefail
+
+N=${1:-50}
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+REF_DIR=${REF_DIR:-/usr/lib/cni}
+[ "$(id -u)" = 0 ] || { echo "cni.sh: run as root" >&2; exit 1; }
+for b in bridge host-local; do
+  [ -x "$REF_DIR/$b" ] || { echo "cni.sh: reference plugin $REF_DIR/$b missing (apt-get install containernetworking-plugins)" >&2; exit 1; }
+done
+
+echo "building release binaries..." >&2
+(cd "$ROOT" && cargo build --release -q -p deckhand-cni --bin deckhand-bridge --bin deckhand-host-local)
+TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps 2>/dev/null |
+  sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+OURS_DIR=${TARGET_DIR:-$ROOT/target}/release
+
+WORK=$(mktemp -d /tmp/dh-bench.XXXXXX)
+BR_OURS=dh-bench-br0
+BR_REF=dh-bench-br1
+NS_PREFIX=dh-bench-$$-
+
+conf() { # impl masq
+  local type ipam bridge subnet
+  if [ "$1" = ours ]; then
+    type=deckhand-bridge ipam=deckhand-host-local bridge=$BR_OURS subnet=10.201.0.0/16
+  else
+    type=bridge ipam=host-local bridge=$BR_REF subnet=10.202.0.0/16
+  fi
+  printf '{"cniVersion":"1.0.0","name":"dh-bench-%s","type":"%s","bridge":"%s","isGateway":true,"ipMasq":%s,"hairpinMode":true,"ipam":{"type":"%s","ranges":[[{"subnet":"%s"}]],"dataDir":"%s/ipam-%s"}}' \
+    "$1" "$type" "$bridge" "$2" "$ipam" "$subnet" "$WORK" "$1"
+}
+
+# cni IMPL CMD NS MASQ: one plugin call; fails loudly.
+cni() {
+  local bin path
+  if [ "$1" = ours ]; then bin=$OURS_DIR/deckhand-bridge path=$OURS_DIR; else bin=$REF_DIR/bridge path=$REF_DIR; fi
+  conf "$1" "$4" | CNI_COMMAND=$2 CNI_CONTAINERID="dhbench$3" CNI_NETNS="/run/netns/$NS_PREFIX$3" \
+    CNI_IFNAME=eth0 CNI_PATH=$path "$bin" >"$WORK/out" 2>"$WORK/err" || {
+    echo "cni.sh: $1 $2 $3 failed: $(cat "$WORK/out" "$WORK/err")" >&2
+    return 1
+  }
+}
+
+cleanup() {
+  set +e
+  for impl in ours ref; do
+    for masq in false true; do
+      for i in $(seq 1 "$N"); do
+        [ -e "/run/netns/$NS_PREFIX$i" ] && cni "$impl" DEL "$i" "$masq" 2>/dev/null
+      done
+    done
+  done
+  for i in $(seq 1 "$N"); do ip netns del "$NS_PREFIX$i" 2>/dev/null; done
+  ip link del $BR_OURS 2>/dev/null
+  ip link del $BR_REF 2>/dev/null
+  rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+
+for i in $(seq 1 "$N"); do ip netns add "$NS_PREFIX$i"; done
+
+now_us() { local t=${EPOCHREALTIME/./}; echo "$t"; }
+
+# run IMPL CMD MASQ: times CMD over all namespaces; per-call microseconds to $WORK/IMPL-CMD-MASQ,
+# the batch time (microseconds) to $WORK/IMPL-CMD-MASQ.batch.
+run() {
+  local f=$WORK/$1-$2-$3 start end t0 t1
+  : >"$f"
+  start=$(now_us)
+  for i in $(seq 1 "$N"); do
+    t0=$(now_us)
+    cni "$1" "$2" "$i" "$3"
+    t1=$(now_us)
+    echo $((t1 - t0)) >>"$f"
+  done
+  end=$(now_us)
+  echo $((end - start)) >"$f.batch"
+}
+
+# Warm-up (page cache, first bridge creation) outside the measurement.
+for impl in ours ref; do cni $impl ADD 1 false; cni $impl DEL 1 false; done
+
+for masq in false true; do
+  for impl in ours ref; do
+    echo "running $impl, ipMasq=$masq..." >&2
+    run "$impl" ADD "$masq"
+    run "$impl" DEL "$masq"
+  done
+done
+
+stat() { # file -> "median p99" in ms
+  sort -n "$1" | awk '{a[NR]=$1} END {
+    m = (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2;
+    p = int(NR * 0.99 + 0.999); if (p > NR) p = NR; if (p < 1) p = 1;
+    printf "%.2f %.2f", m / 1000, a[p] / 1000 }'
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }'; }
+
+printf '\n%s network namespaces, ADD then DEL each (bridge + host-local, isGateway, hairpinMode)\n\n' "$N"
+printf '%-8s %-4s | %9s %9s %9s | %9s %9s %9s | %7s %7s %7s\n' \
+  ipMasq op "ours med" "ours p99" "ours all" "ref med" "ref p99" "ref all" "med" "p99" "all"
+printf '%-8s %-4s | %9s %9s %9s | %9s %9s %9s | %7s %7s %7s\n' "" "" ms ms s ms ms s ours/ref ours/ref ours/ref
+for masq in false true; do
+  for op in ADD DEL; do
+    read -r om op99 <<<"$(stat "$WORK/ours-$op-$masq")"
+    read -r rm rp99 <<<"$(stat "$WORK/ref-$op-$masq")"
+    ob=$(awk '{printf "%.3f", $1/1e6}' "$WORK/ours-$op-$masq.batch")
+    rb=$(awk '{printf "%.3f", $1/1e6}' "$WORK/ref-$op-$masq.batch")
+    printf '%-8s %-4s | %9s %9s %9s | %9s %9s %9s | %7s %7s %7s\n' "$masq" "$op" \
+      "$om" "$op99" "$ob" "$rm" "$rp99" "$rb" "$(ratio "$om" "$rm")" "$(ratio "$op99" "$rp99")" "$(ratio "$ob" "$rb")"
+  done
+done
