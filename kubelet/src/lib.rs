@@ -1,6 +1,234 @@
 //! `deckhand-kubelet`: the node agent of a Deckhand node.
 //!
-//! This crate will own node registration and its Lease, the pod sources (API server watch and
-//! static-pod directory), one reconciling worker per pod over any CRI v1 runtime, probes and
-//! status. See ARCHITECTURE.md; the work is tracked in the kubelet issue. Nothing is implemented
-//! yet: the crate exists so the workspace has its final shape.
+//! It talks only to the API server (kube-rs) and to a CRI v1 runtime over its unix socket
+//! (deckhand-cri, or containerd's CRI). Implemented today, the API-facing node agent:
+//!
+//! * [`config`]: upstream's flags and the `KubeletConfiguration` file (upstream names and
+//!   defaults, unsupported fields warned about).
+//! * [`node`]: Node registration (labels, addresses, capacity/allocatable, nodeInfo,
+//!   daemonEndpoints), reconciliation of an existing Node, re-registration after deletion, the
+//!   pod CIDR handed to the runtime, and node status (conditions, images) patched when it changes
+//!   and at least every `nodeStatusReportFrequency`.
+//! * [`lease`]: the node Lease in `kube-node-lease`, renewed every quarter of its duration.
+//! * [`conditions`], [`eviction`], [`resources`], [`machine`], [`quantity`]: the pure parts
+//!   (Ready and pressure conditions, eviction thresholds, capacity and allocatable, machine
+//!   facts, resource quantities).
+//! * [`runtime`]: the CRI client; [`reconcile`]: the kube-rs style driver (reconcilers return
+//!   when to run again and are woken by events; there is no global polling loop).
+//!
+//! Standalone mode (no `--kubeconfig`) runs without an API server. Not implemented yet (see the
+//! kubelet issue): pod sources (API watch, static pods, mirror pods), pod workers, probes,
+//! volumes, pod status and events, the kubelet's HTTP server, eviction of pods.
+
+pub mod conditions;
+pub mod config;
+pub mod eviction;
+pub mod lease;
+pub mod machine;
+pub mod node;
+pub mod quantity;
+pub mod reconcile;
+pub mod resources;
+pub mod runtime;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{Config, Flags, KubeletConfiguration};
+pub use node::{KUBELET_VERSION, NodeState};
+
+/// An error that stops the kubelet.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The root dir could not be created.
+    #[error("creating the root dir {path}: {source}")]
+    RootDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kubeconfig could not be read or used.
+    #[error("kubeconfig {path}: {message}")]
+    Kubeconfig {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The machine could not be read.
+    #[error(transparent)]
+    Machine(#[from] machine::MachineError),
+    /// No node IP was given and none could be found.
+    #[error("cannot determine the node IP; set --node-ip")]
+    NoNodeIp,
+}
+
+/// Builds a client of the API server from a kubeconfig file.
+pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, Error> {
+    let err = |message: String| Error::Kubeconfig {
+        path: path.to_path_buf(),
+        message,
+    };
+    let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|e| err(e.to_string()))?;
+    let mut config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .map_err(|e| err(e.to_string()))?;
+    // As upstream's `kubelet/<version> (<os>/<arch>)`: the API server's logs and managedFields
+    // name the kubelet by it.
+    let agent = format!(
+        "deckhand-kubelet/{KUBELET_VERSION} ({}/{})",
+        std::env::consts::OS,
+        machine::go_arch(std::env::consts::ARCH)
+    );
+    let agent = http::HeaderValue::from_str(&agent).map_err(|e| err(e.to_string()))?;
+    config.headers.push((http::header::USER_AGENT, agent));
+    kube::Client::try_from(config).map_err(|e| err(e.to_string()))
+}
+
+/// Runs the kubelet until `shutdown` is cancelled. On shutdown the Lease is no longer renewed
+/// and the Node is left in place, as upstream.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    std::fs::create_dir_all(&config.root_dir).map_err(|source| Error::RootDir {
+        path: config.root_dir.clone(),
+        source,
+    })?;
+    let runtime = Arc::new(runtime::RuntimeClient::new(
+        config.kubelet.container_runtime_endpoint.clone(),
+        config.kubelet.runtime_request_timeout,
+    ));
+    let version = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        v = runtime.version() => v,
+    };
+    match version {
+        Ok(v) => tracing::info!(
+            endpoint = runtime.endpoint(),
+            runtime = %v.runtime_name,
+            version = %v.runtime_version,
+            cri = %v.runtime_api_version,
+            "container runtime"
+        ),
+        Err(e) => tracing::warn!(
+            endpoint = runtime.endpoint(),
+            "container runtime not reachable yet: {e}"
+        ),
+    }
+    let config = Arc::new(config);
+    match config.kubeconfig.clone() {
+        None => standalone(config, runtime, shutdown).await,
+        Some(path) => {
+            let client = client_from_kubeconfig(&path).await?;
+            cluster(config, client, runtime, shutdown).await
+        }
+    }
+}
+
+async fn standalone(
+    config: Arc<Config>,
+    runtime: Arc<runtime::RuntimeClient>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    tracing::info!(
+        node = %config.node_name,
+        static_pod_path = ?config.kubelet.static_pod_path,
+        "standalone mode: no API server"
+    );
+    if let Some(cidr) = &config.kubelet.pod_cidr
+        && let Err(e) = runtime.update_pod_cidr(cidr).await
+    {
+        tracing::warn!(pod_cidr = %cidr, "updating the runtime's pod CIDR: {e}");
+    }
+    shutdown.cancelled().await;
+    tracing::info!("shut down");
+    Ok(())
+}
+
+async fn cluster(
+    config: Arc<Config>,
+    client: kube::Client,
+    runtime: Arc<runtime::RuntimeClient>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let machine = machine::MachineInfo::collect()?;
+    let node_ip = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        ip = node::resolve_node_ip(&config) => ip.ok_or(Error::NoNodeIp)?,
+    };
+    tracing::info!(
+        node = %config.node_name,
+        %node_ip,
+        version = KUBELET_VERSION,
+        "starting against the API server"
+    );
+    let (state_tx, state_rx) = watch::channel(NodeState::default());
+    let node_trigger = reconcile::Trigger::default();
+    let lease_trigger = reconcile::Trigger::default();
+    let mut tasks = tokio::task::JoinSet::new();
+
+    let controller = node::NodeController::new(
+        client.clone(),
+        config.clone(),
+        runtime,
+        machine,
+        node_ip,
+        state_tx,
+    );
+    tasks.spawn(reconcile::run(
+        controller,
+        node_trigger.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(node::watch_node(
+        client.clone(),
+        config.node_name.clone(),
+        node_trigger,
+        shutdown.clone(),
+    ));
+
+    let lease = lease::LeaseController::new(
+        client,
+        &config.node_name,
+        config.kubelet.node_lease_duration_seconds,
+        state_rx.clone(),
+    );
+    tasks.spawn(reconcile::run(
+        lease,
+        lease_trigger.clone(),
+        shutdown.clone(),
+    ));
+    // A new Node UID (registration, re-registration) renews the Lease's ownerReference now.
+    let mut uid_rx = state_rx;
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        let mut uid = uid_rx.borrow().uid.clone();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = uid_rx.changed() => if r.is_err() { return },
+            }
+            let now = uid_rx.borrow().uid.clone();
+            if now != uid {
+                uid = now;
+                lease_trigger.notify_one();
+            }
+        }
+    });
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: the lease is no longer renewed, the node is left in place");
+    while let Some(r) = tasks.join_next().await {
+        if let Err(e) = r {
+            tracing::error!("task failed: {e}");
+        }
+    }
+    tracing::info!("shut down");
+    Ok(())
+}
