@@ -38,10 +38,14 @@ conf() { # impl masq
 
 # cni IMPL CMD NS MASQ: one plugin call; fails loudly.
 cni() {
-  local bin path
-  if [ "$1" = ours ]; then bin=$OURS_DIR/deckhand-bridge path=$OURS_DIR; else bin=$REF_DIR/bridge path=$REF_DIR; fi
+  local bin path ifname
+  if [ "$1" = ours ]; then
+    bin=$OURS_DIR/deckhand-bridge path=$OURS_DIR ifname=eth0
+  else
+    bin=$REF_DIR/bridge path=$REF_DIR ifname=eth1
+  fi
   conf "$1" "$4" | CNI_COMMAND=$2 CNI_CONTAINERID="dhbench$3" CNI_NETNS="/run/netns/$NS_PREFIX$3" \
-    CNI_IFNAME=eth0 CNI_PATH=$path "$bin" >"$WORK/out" 2>"$WORK/err" || {
+    CNI_IFNAME="$ifname" CNI_PATH=$path "$bin" >"$WORK/out" 2>"$WORK/err" || {
     echo "cni.sh: $1 $2 $3 failed: $(cat "$WORK/out" "$WORK/err")" >&2
     return 1
   }
@@ -67,31 +71,33 @@ for i in $(seq 1 "$N"); do ip netns add "$NS_PREFIX$i"; done
 
 now_us() { local t=${EPOCHREALTIME/./}; echo "$t"; }
 
-# run IMPL CMD MASQ: times CMD over all namespaces; per-call microseconds to $WORK/IMPL-CMD-MASQ,
-# the batch time (microseconds) to $WORK/IMPL-CMD-MASQ.batch.
-run() {
-  local f=$WORK/$1-$2-$3 start end t0 t1
-  : >"$f"
-  start=$(now_us)
-  for i in $(seq 1 "$N"); do
-    t0=$(now_us)
-    cni "$1" "$2" "$i" "$3"
-    t1=$(now_us)
-    echo $((t1 - t0)) >>"$f"
+# batch IMPL MASQ: ADD in every namespace, then DEL in every namespace. Per-call microseconds are
+# appended to $WORK/IMPL-CMD-MASQ, each batch's wall time to ….batch.
+batch() {
+  local t0 t1 start end cmd i
+  for cmd in ADD DEL; do
+    start=$(now_us)
+    for i in $(seq 1 "$N"); do
+      t0=$(now_us)
+      cni "$1" "$cmd" "$i" "$2"
+      t1=$(now_us)
+      echo $((t1 - t0)) >>"$WORK/$1-$cmd-$2"
+    done
+    end=$(now_us)
+    echo $((end - start)) >>"$WORK/$1-$cmd-$2.batch"
   done
-  end=$(now_us)
-  echo $((end - start)) >"$f.batch"
 }
 
 # Warm-up (page cache, first bridge creation) outside the measurement.
 for impl in ours ref; do cni $impl ADD 1 false; cni $impl DEL 1 false; done
 
+# Two rounds in ABBA order, so slow drifts in the machine's load hit both sides alike.
 for masq in false true; do
-  for impl in ours ref; do
-    echo "running $impl, ipMasq=$masq..." >&2
-    run "$impl" ADD "$masq"
-    run "$impl" DEL "$masq"
-  done
+  echo "running ipMasq=$masq..." >&2
+  batch ours "$masq"
+  batch ref "$masq"
+  batch ref "$masq"
+  batch ours "$masq"
 done
 
 stat() { # file -> "median p99" in ms
@@ -102,17 +108,17 @@ stat() { # file -> "median p99" in ms
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }'; }
 
-printf '\n%s network namespaces, ADD then DEL each (bridge + host-local, isGateway, hairpinMode)\n\n' "$N"
-printf '%-8s %-4s | %9s %9s %9s | %9s %9s %9s | %7s %7s %7s\n' \
-  ipMasq op "ours med" "ours p99" "ours all" "ref med" "ref p99" "ref all" "med" "p99" "all"
-printf '%-8s %-4s | %9s %9s %9s | %9s %9s %9s | %7s %7s %7s\n' "" "" ms ms s ms ms s ours/ref ours/ref ours/ref
+printf '\n%s network namespaces, ADD then DEL each (bridge + host-local, isGateway, hairpinMode);\ntwo batches per side in ABBA order; med/p99 over all %s calls per side, "batch" = mean batch wall time\n\n' "$N" "$((2 * N))"
+printf '%-8s %-4s | %9s %9s %10s | %9s %9s %10s | %8s %8s %8s\n' \
+  ipMasq op "ours med" "ours p99" "ours batch" "ref med" "ref p99" "ref batch" "med" "p99" "batch"
+printf '%-8s %-4s | %9s %9s %10s | %9s %9s %10s | %8s %8s %8s\n' "" "" ms ms s ms ms s ours/ref ours/ref ours/ref
 for masq in false true; do
   for op in ADD DEL; do
     read -r om op99 <<<"$(stat "$WORK/ours-$op-$masq")"
     read -r rm rp99 <<<"$(stat "$WORK/ref-$op-$masq")"
-    ob=$(awk '{printf "%.3f", $1/1e6}' "$WORK/ours-$op-$masq.batch")
-    rb=$(awk '{printf "%.3f", $1/1e6}' "$WORK/ref-$op-$masq.batch")
-    printf '%-8s %-4s | %9s %9s %9s | %9s %9s %9s | %7s %7s %7s\n' "$masq" "$op" \
+    ob=$(awk '{s += $1} END {printf "%.3f", s / NR / 1e6}' "$WORK/ours-$op-$masq.batch")
+    rb=$(awk '{s += $1} END {printf "%.3f", s / NR / 1e6}' "$WORK/ref-$op-$masq.batch")
+    printf '%-8s %-4s | %9s %9s %10s | %9s %9s %10s | %8s %8s %8s\n' "$masq" "$op" \
       "$om" "$op99" "$ob" "$rm" "$rp99" "$rb" "$(ratio "$om" "$rm")" "$(ratio "$op99" "$rp99")" "$(ratio "$ob" "$rb")"
   done
 done
