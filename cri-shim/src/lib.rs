@@ -1,7 +1,19 @@
 //! `deckhand-cri`: the CRI v1 runtime of a Deckhand node.
 //!
-//! This crate will own the CRI `RuntimeService` and `ImageService` served on a unix socket, the
-//! built-in OCI runtime (behind a boundary that lets it become its own crate), the per-container
-//! monitor, the image store and the containerd backend. See ARCHITECTURE.md for the plan and the
-//! invariants; the work is tracked in the runtime, images and CRI issues. Nothing is implemented
-//! yet: the crate exists so the workspace has its final shape.
+//! Implemented today:
+//!
+//! * [`image`]: the image subsystem: pulling from OCI registries (through `oci-client`; mirrors,
+//!   plain HTTP, CA files and credentials from a registry configuration file, a docker
+//!   `config.json` or the CRI request), a crash-safe content store, image records, safe layer
+//!   unpacking into per-layer snapshots and overlayfs root filesystems for containers
+//!   ([`image::ImageStore`] is the entry point).
+//! * [`server`]: the CRI `ImageService` over the image store, served on a unix socket by the
+//!   `deckhand-cri` binary (`src/bin/deckhand-cri.rs`, thin over the library);
+//!   `deckhand-cri-pull` is a minimal CRI pull client for scripts and `hack/bench/images.sh`.
+//!
+//! Still to come (see ARCHITECTURE.md and the runtime and CRI issues): the `RuntimeService`, the
+//! built-in OCI runtime and its per-container monitor, the containerd backend and the CNI
+//! caller.
+
+pub mod image;
+pub mod server;
