@@ -7,7 +7,7 @@ need_root
 
 PKGS=(
   # build
-  protobuf-compiler pkg-config gcc make git
+  protobuf-compiler pkg-config gcc make git curl
   # test bed
   docker-registry apache2-utils containerd runc etcd-server openssl busybox-static
   containernetworking-plugins iproute2 iptables nftables procps psmisc
