@@ -13,6 +13,8 @@ PKGS=(
   containernetworking-plugins iproute2 iptables nftables procps psmisc
   # building kube-apiserver & co. from Debian's source package
   golang-go rsync dpkg-dev
+  # the pure cgroup v2 tests boot Debian's kernel under QEMU (this host's cgroups are hybrid)
+  qemu-system-x86
 )
 
 missing=()
@@ -28,6 +30,21 @@ if [ ${#missing[@]} -gt 0 ]; then
   printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   rm -f /usr/sbin/policy-rc.d
+fi
+
+# A Debian kernel for the VM tests, unpacked from its package (not installed: the host keeps its
+# own kernel and /boot untouched).
+VM_KERNEL="$DH_CACHE/vm-kernel/vmlinuz"
+if [ ! -s "$VM_KERNEL" ]; then
+  pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}')
+  [ -n "$pkg" ] || die "cannot resolve linux-image-amd64 to a kernel package"
+  log "unpacking the kernel of $pkg for the VM tests"
+  tmp=$(mktemp -d /var/tmp/dh-kernel.XXXXXX)
+  (cd "$tmp" && apt-get download -qq "$pkg" >/dev/null 2>&1 && dpkg-deb --fsys-tarfile "$pkg"_*.deb \
+    | tar -x -C "$tmp" --wildcards './boot/vmlinuz-*') || { rm -rf "$tmp"; die "downloading $pkg failed"; }
+  mkdir -p "$(dirname "$VM_KERNEL")"
+  cp "$tmp"/boot/vmlinuz-* "$VM_KERNEL.tmp" && mv "$VM_KERNEL.tmp" "$VM_KERNEL"
+  rm -rf "$tmp"
 fi
 
 command -v cargo >/dev/null || die "cargo not found: Deckhand needs a Rust toolchain (rustup)"

@@ -11,9 +11,14 @@
 //!   `deckhand-cri` binary (`src/bin/deckhand-cri.rs`, thin over the library);
 //!   `deckhand-cri-pull` is a minimal CRI pull client for scripts and `hack/bench/images.sh`.
 //!
+//! * [`oci`]: the built-in OCI runtime library (bundles, namespaces, rootfs, capabilities,
+//!   seccomp, the create/start split), used by the runc-compatible `deckhand-runc` CLI and by
+//!   `deckhand-monitor`, the per-container parent ([`oci::Runtime`] is the entry point).
+//!
 //! Still to come (see ARCHITECTURE.md and the runtime and CRI issues): the `RuntimeService`, the
 //! built-in OCI runtime and its per-container monitor, the containerd backend and the CNI
 //! caller.
 
 pub mod image;
+pub mod oci;
 pub mod server;

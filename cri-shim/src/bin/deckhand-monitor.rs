@@ -1,0 +1,288 @@
+//! `deckhand-monitor`: the per-container parent. Creates and starts one container through
+//! `deckhand_cri::oci`, stays its parent (child subreaper), writes its stdout and stderr to the
+//! CRI log file, records its exit code and finish time, and exits after it.
+//!
+//! Single-threaded, no async runtime, no allocation in the steady state beyond the log line
+//! buffers; `deckhand-cri` execs it (never forks itself).
+//!
+//! ```text
+//! deckhand-monitor --root DIR --bundle DIR --id ID --log-path FILE [--exit-file FILE] [--pid-file FILE]
+//! ```
+//! The exit file (default `<root>/<id>/exit.json`) holds
+//! `{"exitCode":N,"finishedAt":"RFC3339Nano","oomKilled":BOOL,"pid":P}` (`oomKilled` from the
+//! container cgroup's OOM-kill counter).
+
+use std::fs::File;
+use std::io::Write as _;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use deckhand_cri::oci::{self, CreateOptions, Runtime, crilog::LineWriter};
+
+struct Args {
+    root: PathBuf,
+    bundle: PathBuf,
+    id: String,
+    log_path: PathBuf,
+    exit_file: Option<PathBuf>,
+    pid_file: Option<PathBuf>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut it = std::env::args().skip(1);
+    let (mut root, mut bundle, mut id, mut log_path, mut exit_file, mut pid_file) = (
+        PathBuf::from(oci::DEFAULT_ROOT),
+        None,
+        None,
+        None,
+        None,
+        None,
+    );
+    while let Some(a) = it.next() {
+        let (k, v) = match a.split_once('=') {
+            Some((k, v)) => (k.to_string(), Some(v.to_string())),
+            None => (a, None),
+        };
+        let mut val = || {
+            v.clone()
+                .or_else(|| it.next())
+                .ok_or(format!("{k} needs a value"))
+        };
+        match k.as_str() {
+            "--root" => root = val()?.into(),
+            "--bundle" | "-b" => bundle = Some(PathBuf::from(val()?)),
+            "--id" => id = Some(val()?),
+            "--log-path" => log_path = Some(PathBuf::from(val()?)),
+            "--exit-file" => exit_file = Some(PathBuf::from(val()?)),
+            "--pid-file" => pid_file = Some(PathBuf::from(val()?)),
+            "--help" | "-h" => {
+                return Err("usage: deckhand-monitor --root DIR --bundle DIR --id ID --log-path FILE [--exit-file FILE] [--pid-file FILE]".into());
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(Args {
+        root,
+        bundle: bundle.ok_or("--bundle is required")?,
+        id: id.ok_or("--id is required")?,
+        log_path: log_path.ok_or("--log-path is required")?,
+        exit_file,
+        pid_file,
+    })
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
+    let mut fds = [0; 2];
+    // SAFETY: valid array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: fresh descriptors.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("deckhand-monitor: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run() -> Result<(), String> {
+    let args = parse_args()?;
+    oci::sealed::ensure_sealed().map_err(|e| format!("re-executing from a sealed copy: {e}"))?;
+    // SAFETY: plain prctl.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } < 0 {
+        return Err(format!(
+            "PR_SET_CHILD_SUBREAPER: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SIGCHLD through a signalfd, so one poll(2) covers the pipes and the child.
+    // SAFETY: sigset manipulation on a local set.
+    let sfd = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK)
+    };
+    if sfd < 0 {
+        return Err(format!("signalfd: {}", std::io::Error::last_os_error()));
+    }
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&args.log_path)
+        .map_err(|e| format!("opening {}: {e}", args.log_path.display()))?;
+    let null = File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let rt = Runtime::new(&args.root);
+    let opts = CreateOptions {
+        pid_file: args.pid_file.clone(),
+        stdio: Some([null.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()]),
+        console_socket: None,
+    };
+    let created = rt
+        .create(&args.id, &args.bundle, &opts)
+        .map_err(|e| e.to_string())?;
+    drop((out_w, err_w, null));
+    for w in &created.warnings {
+        eprintln!("deckhand-monitor: warning: {w}");
+    }
+    if let Err(e) = rt.start(&args.id) {
+        let _ = rt.delete(&args.id, true);
+        return Err(e.to_string());
+    }
+    trim_rss();
+    let exit_file = args
+        .exit_file
+        .clone()
+        .unwrap_or_else(|| args.root.join(&args.id).join("exit.json"));
+    let code = supervise(
+        created.pid,
+        sfd,
+        [out_r.as_raw_fd(), err_r.as_raw_fd()],
+        &mut log,
+    )?;
+    // Read before anything destroys the cgroup (the counter lives in it).
+    let oom = rt
+        .cgroup(&args.id)
+        .ok()
+        .flatten()
+        .is_some_and(|m| m.oom_killed().unwrap_or(false));
+    let rec = format!(
+        "{{\"exitCode\":{code},\"finishedAt\":\"{}\",\"oomKilled\":{oom},\"pid\":{}}}",
+        oci::time::now(),
+        created.pid
+    );
+    oci::state::write_atomic(&exit_file, rec.as_bytes()).map_err(|e| e.to_string())
+}
+
+/// Copies the two streams into the log until the init has exited and the pipes are drained;
+/// returns the init's exit code (128 + signal when killed).
+fn supervise(init: i32, sfd: RawFd, fds: [RawFd; 2], log: &mut File) -> Result<i32, String> {
+    let mut writers = [LineWriter::new("stdout"), LineWriter::new("stderr")];
+    let mut open = [true, true];
+    let mut code = None;
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        let mut pfds = [
+            libc::pollfd {
+                fd: if open[0] { fds[0] } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: if open[1] { fds[1] } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: sfd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // Once the init is gone, only drain what is already there.
+        let timeout = if code.is_some() { 0 } else { -1 };
+        // SAFETY: valid array.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), 3, timeout) };
+        if n < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(format!("poll: {}", std::io::Error::last_os_error()));
+        }
+        let mut progressed = false;
+        for i in 0..2 {
+            if open[i] && pfds[i].revents != 0 {
+                // SAFETY: valid buffer.
+                let r = unsafe { libc::read(fds[i], buf.as_mut_ptr().cast(), buf.len()) };
+                if r > 0 {
+                    progressed = true;
+                    writers[i]
+                        .feed(log, &buf[..r as usize], SystemTime::now())
+                        .map_err(|e| format!("writing log: {e}"))?;
+                } else if r == 0
+                    || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR)
+                {
+                    open[i] = false;
+                    writers[i]
+                        .finish(log, SystemTime::now())
+                        .map_err(|e| format!("writing log: {e}"))?;
+                }
+            }
+        }
+        if pfds[2].revents != 0 {
+            let mut si = [0u8; 128];
+            // SAFETY: draining the signalfd into a buffer of the right size.
+            while unsafe { libc::read(sfd, si.as_mut_ptr().cast(), si.len()) } > 0 {}
+        }
+        // Reap every child (we are a subreaper); remember the init's status.
+        loop {
+            let mut status = 0;
+            // SAFETY: plain waitpid.
+            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if pid <= 0 {
+                break;
+            }
+            if pid == init {
+                code = Some(if libc::WIFSIGNALED(status) {
+                    128 + libc::WTERMSIG(status)
+                } else {
+                    libc::WEXITSTATUS(status)
+                });
+            }
+        }
+        if let Some(c) = code
+            && ((!open[0] && !open[1]) || !progressed)
+        {
+            {
+                for (i, w) in writers.iter_mut().enumerate() {
+                    if open[i] {
+                        w.finish(log, SystemTime::now())
+                            .map_err(|e| format!("writing log: {e}"))?;
+                    }
+                }
+                log.flush().map_err(|e| format!("writing log: {e}"))?;
+                return Ok(c);
+            }
+        }
+    }
+}
+
+/// Drops the executable pages touched while creating the container from our resident set: the
+/// steady state (poll, read, write) needs a small part of them and faults it back in from the
+/// page cache. Only `r-xp` mappings: text is never written, so nothing private is lost (a
+/// relocated read-only or writable mapping could hold private copies).
+fn trim_rss() {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return;
+    };
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
+            continue;
+        };
+        // Only file-backed text (the path field is present), never [vdso] and friends.
+        let path = f.nth(3).unwrap_or("");
+        if perms != "r-xp" || !path.starts_with('/') {
+            continue;
+        }
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) else {
+            continue;
+        };
+        // SAFETY: a text mapping of ours, advised away; its pages fault back in from the file.
+        unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_DONTNEED) };
+    }
+}

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Benchmarks deckhand-runc against Debian's runc in the same run: `run` (create + start + wait)
+# then `delete` of a /bin/true container from the same bundle (busybox-static rootfs, `runc spec`
+# config), N times per runtime, interleaved in ABBA batches. Prints median and p99 wall time per
+# run+delete and the ratio ours/runc. Release build. Removes everything it creates, also when
+# interrupted. Run as root:  hack/bench/runtime.sh [N]   (default 100)
+set -euo pipefail
+
+N=${1:-100}
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+RUNC=${RUNC:-runc}
+[ "$(id -u)" = 0 ] || { echo "runtime.sh: run as root" >&2; exit 1; }
+command -v "$RUNC" >/dev/null || { echo "runtime.sh: $RUNC missing (apt-get install runc)" >&2; exit 1; }
+[ -x /bin/busybox ] || { echo "runtime.sh: /bin/busybox missing (apt-get install busybox-static)" >&2; exit 1; }
+
+echo "building release binaries..." >&2
+(cd "$ROOT" && cargo build --release -q -p deckhand-cri --bin deckhand-runc)
+TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps 2>/dev/null |
+  sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+OURS=${TARGET_DIR:-$ROOT/target}/release/deckhand-runc
+
+WORK=$(mktemp -d /tmp/dh-bench-runtime.XXXXXX)
+cleanup() {
+  set +e
+  for r in ours ref; do
+    bin=$OURS; [ $r = ref ] && bin=$RUNC
+    for d in "$WORK/root-$r"/*/; do
+      [ -d "$d" ] && "$bin" --root "$WORK/root-$r" delete --force "$(basename "$d")" >/dev/null 2>&1
+    done
+  done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+
+B=$WORK/bundle
+mkdir -p "$B/rootfs/bin" "$B/rootfs/proc" "$B/rootfs/dev" "$B/rootfs/sys"
+cp /bin/busybox "$B/rootfs/bin/busybox"
+ln -s busybox "$B/rootfs/bin/true"
+(cd "$B" && "$RUNC" spec)
+sed -i -e 's/"terminal": true/"terminal": false/' -e 's/"sh"$/"\/bin\/true"/' "$B/config.json"
+grep -q '"/bin/true"' "$B/config.json" || { echo "runtime.sh: could not set the process args" >&2; exit 1; }
+
+# one IMPL I: run + delete of container dhbench-IMPL-I; appends the wall time (ns).
+one() {
+  local bin=$OURS; [ "$1" = ref ] && bin=$RUNC
+  local id=dhbench-$1-$2 t0 t1
+  t0=$(date +%s%N)
+  "$bin" --root "$WORK/root-$1" run --bundle "$B" "$id" >/dev/null 2>"$WORK/err" || {
+    echo "runtime.sh: $1 run failed: $(cat "$WORK/err")" >&2; return 1; }
+  "$bin" --root "$WORK/root-$1" delete --force "$id" >/dev/null 2>&1 || true
+  t1=$(date +%s%N)
+  echo $((t1 - t0)) >>"$WORK/$1"
+}
+
+# Warm up both (page cache, first cgroup creation).
+for i in 1 2 3; do one ours w$i; one ref w$i; done
+: >"$WORK/ours"; : >"$WORK/ref"
+half=$((N / 2))
+for order in "ours ref" "ref ours"; do
+  for impl in $order; do
+    for i in $(seq 1 "$half"); do one "$impl" "${order// /}-$i"; done
+  done
+done
+
+stat() { # file -> "median p99" in ms
+  sort -n "$1" | awk '{a[NR]=$1} END {
+    m = (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2
+    p = a[int(NR * 0.99 + 0.999)]; if (p == "") p = a[NR]
+    printf "%.2f %.2f", m / 1e6, p / 1e6 }'
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }'; }
+read -r om op <<<"$(stat "$WORK/ours")"
+read -r rm rp <<<"$(stat "$WORK/ref")"
+printf '\n%s x (run + delete) of /bin/true, same bundle, ABBA order; ms\n\n' "$((2 * half))"
+printf '%-14s %10s %10s\n' runtime median p99
+printf '%-14s %10s %10s\n' deckhand-runc "$om" "$op" runc "$rm" "$rp"
+printf '%-14s %10s %10s\n' "ours/runc" "$(ratio "$om" "$rm")" "$(ratio "$op" "$rp")"
