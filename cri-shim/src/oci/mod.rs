@@ -19,8 +19,7 @@
 //!
 //! Terminals: `process.terminal` with a console socket ([`tty`]).
 //!
-//! Not yet: user and time
-//! namespaces, hooks, AppArmor/SELinux labels, `personality`/`ioPriority`/`scheduler`,
+//! Not yet: user and time namespaces, hooks, AppArmor/SELinux labels, `personality`/`ioPriority`/`scheduler`,
 //! `--preserve-fds`, pause/resume/update/events commands.
 //!
 //! Testable without root: path resolution ([`resolve`], on a temp dir), mount option parsing,
@@ -28,8 +27,8 @@
 //! exercised for real by `tests/runc.rs` (no syscall trait: the logic worth faking is in those
 //! pure functions, the rest is a straight sequence of syscalls).
 //!
-//! This module keeps a narrow boundary (only `oci-spec`, `caps`, `seccompiler`, `nix`, `libc`,
-//! `serde` and `thiserror`) so it can become its own crate.
+//! This module keeps a narrow boundary (only `oci-spec`, `caps`, `seccompiler`, `syscalls`,
+//! `nix`, `libc`, `serde` and `thiserror`) so it can become its own crate.
 
 pub mod cgroups;
 mod container;
