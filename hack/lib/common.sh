@@ -70,33 +70,36 @@ dh_wait() {
   done
 }
 
+# _dh_wait_gone TENTHS DIR NAME...: waits up to TENTHS tenths of a second for all NAMEs to exit.
+_dh_wait_gone() {
+  local tenths=$1 dir=$2 name left; shift 2
+  for _ in $(seq 1 "$tenths"); do
+    left=0
+    for name in "$@"; do dh_alive "$dir" "$name" && left=1; done
+    [ "$left" = 0 ] && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
 # dh_stop DIR NAME...: TERM each (in the order given), KILL what is left after 5 s; idempotent.
 dh_stop() {
-  local dir=$1 name pid i left; shift
+  local dir=$1 name pid; shift
   for name in "$@"; do
     if pid=$(dh_pid "$dir" "$name"); then
       log "stopping $name ($pid)"
       kill -TERM "$pid" 2>/dev/null || true
     fi
   done
-  for i in $(seq 1 50); do
-    left=0
-    for name in "$@"; do dh_alive "$dir" "$name" && left=1; done
-    [ "$left" = 0 ] && break
-    sleep 0.1
-  done
-  for name in "$@"; do
-    if pid=$(dh_pid "$dir" "$name"); then
-      log "killing $name ($pid)"
-      kill -KILL "$pid" 2>/dev/null || true
-    fi
-  done
-  for i in $(seq 1 30); do
-    left=0
-    for name in "$@"; do dh_alive "$dir" "$name" && left=1; done
-    [ "$left" = 0 ] && break
-    sleep 0.1
-  done
+  if ! _dh_wait_gone 50 "$dir" "$@"; then
+    for name in "$@"; do
+      if pid=$(dh_pid "$dir" "$name"); then
+        log "killing $name ($pid)"
+        kill -KILL "$pid" 2>/dev/null || true
+      fi
+    done
+    _dh_wait_gone 30 "$dir" "$@" || true
+  fi
   for name in "$@"; do
     dh_alive "$dir" "$name" && die "$name is still running"
     rm -f "$dir/pids/$name.pid"
