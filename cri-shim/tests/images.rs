@@ -590,3 +590,62 @@ async fn bearer_token_auth_anonymous_basic_and_given_token() {
         .expect("pull with a given bearer token");
     assert_eq!(gated.token_requests().len(), before, "no token exchange");
 }
+
+#[tokio::test]
+async fn tls_registry_is_trusted_through_its_ca_file_only() {
+    init_logs();
+    let (tb, index) = testbed();
+    let host = tb.tls_registry();
+    let image = format!("{host}/dh/busybox:latest");
+    let want = format!(
+        "{host}/dh/busybox@{}",
+        index
+            .get("dh/busybox:latest")
+            .expect("busybox")
+            .manifest_digest
+    );
+
+    // HTTPS without the CA: the certificate is not trusted and nothing is stored.
+    let root = TempRoot::new("img-tls-noca");
+    let store = open_store(
+        &root,
+        registry_config(&format!("[hosts.\"{host}\"]\nplain_http = false\n")),
+    );
+    let err = store
+        .pull(&image, None)
+        .await
+        .expect_err("a certificate from an unknown CA must be refused");
+    assert!(
+        store.list().expect("list").is_empty(),
+        "nothing stored after {err}"
+    );
+
+    // With the CA file from the registry configuration.
+    let root = TempRoot::new("img-tls-ca");
+    let store = open_store(
+        &root,
+        registry_config(&format!(
+            "[hosts.\"{host}\"]\nplain_http = false\nca = \"{}\"\n",
+            tb.tls_registry_ca().display()
+        )),
+    );
+    let img = store
+        .pull(&image, None)
+        .await
+        .expect("pull with the CA file");
+    assert_eq!(img.repo_digests, [want.clone()]);
+
+    // skip_verify accepts the certificate without the CA (insecure, but what it is for).
+    let root = TempRoot::new("img-tls-skip");
+    let store = open_store(
+        &root,
+        registry_config(&format!(
+            "[hosts.\"{host}\"]\nplain_http = false\nskip_verify = true\n"
+        )),
+    );
+    let img = store
+        .pull(&image, None)
+        .await
+        .expect("pull with skip_verify");
+    assert_eq!(img.repo_digests, [want]);
+}

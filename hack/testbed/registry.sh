@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The registries of the test bed: Debian's docker-registry on 127.0.0.1, storage under DIR.
 #   registry.sh up DIR    starts an anonymous registry and an htpasswd-protected one, pushes the
-#                         test images (built by dh-testimages) to both, writes DIR/registry.env
-#   registry.sh down DIR  stops both (by recorded PID)
-# Ports: DH_REGISTRY_PORT (35000) and DH_REGISTRY_AUTH_PORT (35001).
+#                         test images (built by dh-testimages) to both, and starts a third that
+#                         serves the anonymous one's storage over HTTPS with a certificate from a
+#                         test CA (for CA-file tests); writes DIR/registry.env
+#   registry.sh down DIR  stops them (by recorded PID)
+# Ports: DH_REGISTRY_PORT (35000), DH_REGISTRY_AUTH_PORT (35001), DH_REGISTRY_TLS_PORT (35002).
 set -euo pipefail
 . "$(dirname "$0")/../lib/common.sh"
 
@@ -11,20 +13,39 @@ cmd=${1:-}; DIR=${2:-}
 [ -n "$cmd" ] && [ -n "$DIR" ] || die "usage: $0 up|down DIR"
 PORT=${DH_REGISTRY_PORT:-35000}
 AUTH_PORT=${DH_REGISTRY_AUTH_PORT:-35001}
+TLS_PORT=${DH_REGISTRY_TLS_PORT:-35002}
 R="$DIR/registry"
 
-write_config() { # name port [auth]
-  local name=$1 port=$2 auth=${3:-}
+write_config() { # name port storage-name [auth|tls]
+  local name=$1 port=$2 storage=$3 extra=${4:-}
   mkdir -p "$R/$name"
   {
     echo "version: 0.1"
     echo "log: { level: warn, accesslog: { disabled: true } }"
     echo "storage:"
-    echo "  filesystem: { rootdirectory: $R/$name/storage }"
+    echo "  filesystem: { rootdirectory: $R/$storage/storage }"
     echo "  delete: { enabled: true }"
-    echo "http: { addr: 127.0.0.1:$port, secret: dh-testbed-$name }"
-    if [ -n "$auth" ]; then echo "auth: { htpasswd: { realm: dh-testbed, path: $R/htpasswd } }"; fi
+    if [ "$extra" = tls ]; then
+      echo "http: { addr: 127.0.0.1:$port, secret: dh-testbed-$name, tls: { certificate: $R/tls/server.crt, key: $R/tls/server.key } }"
+    else
+      echo "http: { addr: 127.0.0.1:$port, secret: dh-testbed-$name }"
+    fi
+    if [ "$extra" = auth ]; then echo "auth: { htpasswd: { realm: dh-testbed, path: $R/htpasswd } }"; fi
   } >"$R/$name/config.yml"
+}
+
+make_tls() { # a CA and a server certificate for 127.0.0.1/localhost, made once
+  local t="$R/tls"
+  [ -s "$t/server.crt" ] && return 0
+  mkdir -p "$t"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 \
+    -subj "/CN=dh-testbed-registry-ca" -keyout "$t/ca.key" -out "$t/ca.crt" 2>/dev/null \
+    || die "openssl: registry CA"
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=127.0.0.1" \
+    -keyout "$t/server.key" -out "$t/server.csr" 2>/dev/null || die "openssl: registry key"
+  printf 'subjectAltName = IP:127.0.0.1, DNS:localhost\nextendedKeyUsage = serverAuth\n' >"$t/ext"
+  openssl x509 -req -in "$t/server.csr" -CA "$t/ca.crt" -CAkey "$t/ca.key" -CAcreateserial \
+    -days 3650 -extfile "$t/ext" -out "$t/server.crt" 2>/dev/null || die "openssl: registry certificate"
 }
 
 case "$cmd" in
@@ -36,17 +57,22 @@ up)
     htpasswd -Bbn dhuser "$pass" >"$R/htpasswd"
   fi
   read -r user pass <"$R/credentials"
-  write_config plain "$PORT"
-  write_config auth "$AUTH_PORT" yes
-  for name in plain auth; do
+  make_tls
+  write_config plain "$PORT" plain
+  write_config auth "$AUTH_PORT" auth auth
+  # The TLS instance serves the anonymous registry's storage read-only in practice (nothing is
+  # pushed to it), so it holds the same images.
+  write_config tls "$TLS_PORT" plain tls
+  for name in plain auth tls; do
     if ! dh_alive "$DIR" "registry-$name"; then
-      port=$PORT; [ "$name" = auth ] && port=$AUTH_PORT
-      dh_port_free "$port" || die "registry-$name: 127.0.0.1:$port is already in use (set DH_REGISTRY_PORT/DH_REGISTRY_AUTH_PORT)"
+      case "$name" in plain) port=$PORT ;; auth) port=$AUTH_PORT ;; tls) port=$TLS_PORT ;; esac
+      dh_port_free "$port" || die "registry-$name: 127.0.0.1:$port is already in use (set DH_REGISTRY_PORT/_AUTH_PORT/_TLS_PORT)"
     fi
     dh_alive "$DIR" "registry-$name" || dh_start "$DIR" "registry-$name" docker-registry serve "$R/$name/config.yml"
   done
   dh_wait "$DIR" registry-plain 30 "/v2/" curl -sf "http://127.0.0.1:$PORT/v2/"
   dh_wait "$DIR" registry-auth 30 "/v2/" curl -sf -u "$user:$pass" "http://127.0.0.1:$AUTH_PORT/v2/"
+  dh_wait "$DIR" registry-tls 30 "/v2/ over TLS" curl -sf --cacert "$R/tls/ca.crt" "https://127.0.0.1:$TLS_PORT/v2/"
 
   images=${DH_TESTIMAGES_BIN:?DH_TESTIMAGES_BIN must name the built dh-testimages binary}
   log "pushing test images to 127.0.0.1:$PORT and 127.0.0.1:$AUTH_PORT"
@@ -62,10 +88,12 @@ DH_REGISTRY_AUTH=127.0.0.1:$AUTH_PORT
 DH_REGISTRY_AUTH_USER=$user
 DH_REGISTRY_AUTH_PASSWORD=$pass
 DH_IMAGES_INDEX=$R/images.json
+DH_REGISTRY_TLS=127.0.0.1:$TLS_PORT
+DH_REGISTRY_TLS_CA=$R/tls/ca.crt
 ENV
   ;;
 down)
-  dh_stop "$DIR" registry-plain registry-auth
+  dh_stop "$DIR" registry-tls registry-plain registry-auth
   ;;
 *) die "usage: $0 up|down DIR" ;;
 esac

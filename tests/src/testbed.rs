@@ -104,6 +104,17 @@ impl Testbed {
         }
     }
 
+    /// `host:port` of an HTTPS registry serving the same images as [`Testbed::registry`], with a
+    /// certificate (for 127.0.0.1) signed by the CA in [`Testbed::tls_registry_ca`].
+    pub fn tls_registry(&self) -> &str {
+        self.must("DH_REGISTRY_TLS")
+    }
+
+    /// The PEM file of the CA that signed [`Testbed::tls_registry`]'s certificate.
+    pub fn tls_registry_ca(&self) -> PathBuf {
+        PathBuf::from(self.must("DH_REGISTRY_TLS_CA"))
+    }
+
     /// The JSON index of the test images pushed to both registries (see [`crate::images`]).
     pub fn images_index(&self) -> PathBuf {
         PathBuf::from(self.must("DH_IMAGES_INDEX"))
