@@ -633,7 +633,7 @@ async fn tls_registry_is_trusted_through_its_ca_file_only() {
         .pull(&image, None)
         .await
         .expect("pull with the CA file");
-    assert_eq!(img.repo_digests, [want.clone()]);
+    assert_eq!(img.repo_digests, std::slice::from_ref(&want));
 
     // skip_verify accepts the certificate without the CA (insecure, but what it is for).
     let root = TempRoot::new("img-tls-skip");
