@@ -21,4 +21,6 @@
 
 pub mod image;
 pub mod oci;
+pub mod pod;
+pub mod records;
 pub mod server;

@@ -32,6 +32,8 @@ oom_score = 0
   netns_mounts_under_state_dir = true
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
+  # No internet: the sandbox (pause) image is the project's own, in the local registry.
+  sandbox_image = "127.0.0.1:${DH_REGISTRY_PORT:-35000}/dh/pause:latest"
   enable_cdi = false
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"

@@ -154,6 +154,8 @@ pub struct KubeletConfiguration {
     pub runtime_request_timeout: Duration,
     /// `nodeStatusMaxImages` (50; -1 for no limit).
     pub node_status_max_images: i32,
+    /// `podLogsDir` (/var/log/pods): the root of the pods' log directories.
+    pub pod_logs_dir: PathBuf,
 }
 
 impl Default for KubeletConfiguration {
@@ -182,6 +184,7 @@ impl Default for KubeletConfiguration {
             container_runtime_endpoint: DEFAULT_RUNTIME_ENDPOINT.to_string(),
             runtime_request_timeout: Duration::from_secs(120),
             node_status_max_images: 50,
+            pod_logs_dir: PathBuf::from("/var/log/pods"),
         }
     }
 }
@@ -215,6 +218,7 @@ struct ConfigFile {
     container_runtime_endpoint: Option<String>,
     runtime_request_timeout: Option<String>,
     node_status_max_images: Option<i64>,
+    pod_logs_dir: Option<PathBuf>,
     #[serde(flatten)]
     other: BTreeMap<String, serde_yaml_ng::Value>,
 }
@@ -290,6 +294,15 @@ impl KubeletConfiguration {
             c.port = p;
         }
         c.static_pod_path = file.static_pod_path.filter(|p| !p.as_os_str().is_empty());
+        if let Some(d) = file.pod_logs_dir.filter(|p| !p.as_os_str().is_empty()) {
+            if !d.is_absolute() {
+                return Err(invalid(format!(
+                    "podLogsDir {} must be an absolute path",
+                    d.display()
+                )));
+            }
+            c.pod_logs_dir = d;
+        }
         if let Some(dns) = &file.cluster_dns {
             c.cluster_dns = dns
                 .iter()
@@ -743,6 +756,17 @@ mod tests {
     }
 
     #[test]
+    fn pod_logs_dir() {
+        assert_eq!(
+            KubeletConfiguration::default().pod_logs_dir,
+            Path::new("/var/log/pods")
+        );
+        let (c, warnings) = load("podLogsDir: /srv/logs\n").expect("config");
+        assert_eq!(c.pod_logs_dir, Path::new("/srv/logs"));
+        assert!(warnings.is_empty(), "{warnings:?}");
+    }
+
+    #[test]
     fn rejects_invalid_configs() {
         assert!(KubeletConfiguration::from_yaml("kind: KubeletConfiguration\n").is_err());
         assert!(
@@ -770,6 +794,7 @@ mod tests {
             "podCIDR: 10.0.0.0/33\n",
             "registerWithTaints: [{key: a, effect: Sometimes}]\n",
             "port: 70000\n",
+            "podLogsDir: relative/logs\n",
             "- a list\n",
         ] {
             assert!(load(body).is_err(), "{body:?} should be refused");

@@ -16,9 +16,13 @@
 //! * [`runtime`]: the CRI client; [`reconcile`]: the kube-rs style driver (reconcilers return
 //!   when to run again and are woken by events; there is no global polling loop).
 //!
-//! Standalone mode (no `--kubeconfig`) runs without an API server. Not implemented yet (see the
-//! kubelet issue): pod sources (API watch, static pods, mirror pods), pod workers, probes,
-//! volumes, pod status and events, the kubelet's HTTP server, eviction of pods.
+//! * [`pods`]: pod sources (API watch, static-pod directory, mirror pods), one worker per pod
+//!   (sandbox, images, init and main containers, restarts with back-off, graceful deletion)
+//!   and pod status.
+//!
+//! Standalone mode (no `--kubeconfig`) runs static pods only. Not implemented yet (see the
+//! kubelet issue): probes, volumes beyond emptyDir/hostPath, events, hooks, sidecars, the
+//! kubelet's HTTP server, eviction of pods.
 
 pub mod conditions;
 pub mod config;
@@ -26,6 +30,7 @@ pub mod eviction;
 pub mod lease;
 pub mod machine;
 pub mod node;
+pub mod pods;
 pub mod quantity;
 pub mod reconcile;
 pub mod resources;
@@ -131,6 +136,110 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     }
 }
 
+/// Starts the pod manager, its sources and runtime events; with a client, the API source and
+/// the mirror pods too.
+struct PodsSetup {
+    client: Option<kube::Client>,
+    runtime: Arc<runtime::RuntimeClient>,
+    memory_capacity: u64,
+    node_ip: Option<std::net::IpAddr>,
+    node_state: Option<watch::Receiver<NodeState>>,
+}
+
+fn start_pods(
+    config: &Arc<Config>,
+    setup: PodsSetup,
+    tasks: &mut tokio::task::JoinSet<()>,
+    shutdown: &CancellationToken,
+) {
+    let PodsSetup {
+        client,
+        runtime,
+        memory_capacity,
+        node_ip,
+        node_state,
+    } = setup;
+    let host_dns = std::fs::read_to_string("/etc/resolv.conf")
+        .map(|t| pods::spec::parse_resolv_conf(&t))
+        .unwrap_or_default();
+    let ctx = Arc::new(pods::worker::Context {
+        runtime: runtime.clone(),
+        client: client.clone(),
+        node_name: config.node_name.clone(),
+        node_ip: node_ip.map(|i| i.to_string()).unwrap_or_default(),
+        logs_root: config.kubelet.pod_logs_dir.clone(),
+        pods_dir: config.root_dir.join("pods"),
+        memory_capacity,
+        cluster_dns: config.kubelet.cluster_dns.clone(),
+        cluster_domain: config.kubelet.cluster_domain.clone(),
+        host_dns,
+        runtime_name: Default::default(),
+    });
+    let mut sources = std::collections::HashSet::new();
+    if client.is_some() {
+        sources.insert(pods::Source::Api);
+    }
+    if config.kubelet.static_pod_path.is_some() {
+        sources.insert(pods::Source::File);
+    }
+    let (manager, tx, rx) = pods::PodManager::new(ctx, sources, shutdown.clone());
+    let statics = manager.statics();
+    let mirrors = manager.mirrors();
+    tasks.spawn(manager.run(rx));
+    tasks.spawn(pods::runtime_events(
+        runtime,
+        config.node_name.clone(),
+        tx.clone(),
+        shutdown.clone(),
+    ));
+    if let Some(dir) = config.kubelet.static_pod_path.clone() {
+        tasks.spawn(pods::file_source(
+            dir,
+            config.node_name.clone(),
+            tx.clone(),
+            shutdown.clone(),
+        ));
+    }
+    if let Some(client) = client {
+        tasks.spawn(pods::api_source(
+            client.clone(),
+            config.node_name.clone(),
+            tx,
+            shutdown.clone(),
+        ));
+        if config.kubelet.static_pod_path.is_some()
+            && let Some(node) = node_state
+        {
+            let trigger = reconcile::Trigger::default();
+            let stop = shutdown.clone();
+            let node_name = config.node_name.clone();
+            tasks.spawn(async move {
+                // Mirror pods are judged only once both sets are known.
+                let (mut s, mut m) = (statics.clone(), mirrors.clone());
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = async { s.changed().await.and(m.changed().await) } => if r.is_err() { return },
+                }
+                let controller = pods::mirror::MirrorController::new(
+                    client,
+                    node_name,
+                    statics.clone(),
+                    mirrors.clone(),
+                    node.clone(),
+                );
+                tokio::spawn(pods::mirror::MirrorController::forward_changes(
+                    statics,
+                    mirrors,
+                    node,
+                    trigger.clone(),
+                    stop.clone(),
+                ));
+                reconcile::run(controller, trigger, stop).await;
+            });
+        }
+    }
+}
+
 async fn standalone(
     config: Arc<Config>,
     runtime: Arc<runtime::RuntimeClient>,
@@ -146,7 +255,26 @@ async fn standalone(
     {
         tracing::warn!(pod_cidr = %cidr, "updating the runtime's pod CIDR: {e}");
     }
+    let machine = machine::MachineInfo::collect()?;
+    let node_ip = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        ip = node::resolve_node_ip(&config) => ip,
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    let setup = PodsSetup {
+        client: None,
+        runtime,
+        memory_capacity: machine.memory_bytes,
+        node_ip,
+        node_state: None,
+    };
+    start_pods(&config, setup, &mut tasks, &shutdown);
     shutdown.cancelled().await;
+    while let Some(r) = tasks.join_next().await {
+        if let Err(e) = r {
+            tracing::error!("task failed: {e}");
+        }
+    }
     tracing::info!("shut down");
     Ok(())
 }
@@ -173,6 +301,14 @@ async fn cluster(
     let lease_trigger = reconcile::Trigger::default();
     let mut tasks = tokio::task::JoinSet::new();
 
+    let setup = PodsSetup {
+        client: Some(client.clone()),
+        runtime: runtime.clone(),
+        memory_capacity: machine.memory_bytes,
+        node_ip: Some(node_ip),
+        node_state: Some(state_rx.clone()),
+    };
+    start_pods(&config, setup, &mut tasks, &shutdown);
     let controller = node::NodeController::new(
         client.clone(),
         config.clone(),

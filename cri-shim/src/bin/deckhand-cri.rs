@@ -1,4 +1,5 @@
-//! `deckhand-cri`: the CRI daemon of a Deckhand node (today: the ImageService).
+//! `deckhand-cri`: the CRI daemon of a Deckhand node (ImageService and RuntimeService on the
+//! built-in runtime).
 //!
 //! Configuration: a TOML file (default `/etc/deckhand/cri.toml`; a missing default file is an
 //! empty configuration), every key overridable by a flag:
@@ -11,17 +12,23 @@
 //! max_concurrent_downloads = 3                    # --max-concurrent-downloads
 //! stall_timeout_secs = 60                         # --stall-timeout-secs
 //! allow_devices = false                           # --allow-devices: device nodes in layers
+//! cni_conf_dir = "/etc/cni/net.d"                 # --cni-conf-dir
+//! cni_bin_dirs = ["/opt/cni/bin"]                 # --cni-bin-dir (repeatable)
+//! monitor_bin = "/usr/local/bin/deckhand-monitor" # --monitor-bin (default: beside this binary)
+//! runc_bin = "/usr/local/bin/deckhand-runc"       # --runc-bin (default: beside this binary)
+//! streaming_addr = "127.0.0.1:0"                  # --streaming-addr: exec/port-forward server
 //! ```
 //!
 //! Logs go to stderr (`RUST_LOG` or `--log-level`). SIGTERM or SIGINT stop it gracefully.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use deckhand_cri::image::{ImageStore, RegistryConfig, StoreOptions};
-use deckhand_cri::server;
+use deckhand_cri::{pod, server};
 use serde::Deserialize;
 
 const DEFAULT_CONFIG: &str = "/etc/deckhand/cri.toml";
@@ -31,7 +38,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 #[command(
     name = "deckhand-cri",
     version,
-    about = "Deckhand's CRI runtime (ImageService)"
+    about = "Deckhand's CRI runtime (ImageService and RuntimeService)"
 )]
 struct Args {
     /// Configuration file (TOML).
@@ -58,6 +65,22 @@ struct Args {
     /// Allow device nodes in image layers.
     #[arg(long)]
     allow_devices: bool,
+    /// CNI configuration directory.
+    #[arg(long)]
+    cni_conf_dir: Option<PathBuf>,
+    /// CNI plugin directory (repeatable; searched in order).
+    #[arg(long = "cni-bin-dir")]
+    cni_bin_dirs: Vec<PathBuf>,
+    /// The deckhand-monitor binary.
+    #[arg(long)]
+    monitor_bin: Option<PathBuf>,
+    /// The deckhand-runc binary (used for exec).
+    #[arg(long)]
+    runc_bin: Option<PathBuf>,
+    /// Address of the streaming server (exec, port-forward); port 0 picks one. Plain HTTP:
+    /// keep it on loopback (the kubelet proxies to it).
+    #[arg(long)]
+    streaming_addr: Option<std::net::SocketAddr>,
     /// Log filter (overrides RUST_LOG), e.g. `info` or `deckhand_cri=debug`.
     #[arg(long, env = "DECKHAND_LOG")]
     log_level: Option<String>,
@@ -74,6 +97,11 @@ struct FileConfig {
     stall_timeout_secs: Option<u64>,
     #[serde(default)]
     allow_devices: bool,
+    cni_conf_dir: Option<PathBuf>,
+    cni_bin_dirs: Option<Vec<PathBuf>>,
+    monitor_bin: Option<PathBuf>,
+    runc_bin: Option<PathBuf>,
+    streaming_addr: Option<std::net::SocketAddr>,
 }
 
 fn load_file(path: &Path) -> Result<FileConfig> {
@@ -117,6 +145,30 @@ fn main() -> Result<()> {
     };
     let registry = RegistryConfig::load(&registry_path, must_exist)?;
 
+    let mut pods = pod::Config::new(&root, &state_dir);
+    if let Some(d) = args.cni_conf_dir.or(file.cni_conf_dir) {
+        pods.cni_conf_dir = d;
+    }
+    if !args.cni_bin_dirs.is_empty() {
+        pods.cni_bin_dirs = args.cni_bin_dirs;
+    } else if let Some(d) = file.cni_bin_dirs {
+        pods.cni_bin_dirs = d;
+    }
+    if let Some(b) = args.monitor_bin.or(file.monitor_bin) {
+        pods.monitor_bin = b;
+    }
+    if let Some(b) = args.runc_bin.or(file.runc_bin) {
+        pods.runc_bin = b;
+    }
+    for (what, b) in [("monitor", &pods.monitor_bin), ("runc", &pods.runc_bin)] {
+        if !b.is_file() {
+            anyhow::bail!("the {what} binary {} does not exist", b.display());
+        }
+    }
+    let streaming_addr = args
+        .streaming_addr
+        .or(file.streaming_addr)
+        .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
     let mut opts = StoreOptions::new(root);
     opts.registry = registry;
     if let Some(n) = args
@@ -139,7 +191,30 @@ fn main() -> Result<()> {
         .context("starting the tokio runtime")?;
     rt.block_on(async move {
         let store = ImageStore::open(opts).context("opening the image store")?;
+        let manager = pod::Manager::open(pods, store.clone()).context("opening the pod records")?;
         let svc = server::image_service::ImageService::new(store);
+        let streaming = deckhand_streaming::Server::new(
+            deckhand_streaming::Config {
+                addr: streaming_addr,
+                ..Default::default()
+            },
+            Arc::new(pod::streaming::StreamRuntime(manager.clone())),
+        );
+        let bound = streaming
+            .bind()
+            .await
+            .context("binding the streaming server")?;
+        tracing::info!(addr = %bound, "streaming server (exec, port-forward)");
+        let ss = streaming.clone();
+        tokio::spawn(async move {
+            if let Err(e) = ss.serve(std::future::pending::<()>()).await {
+                tracing::error!(error = %e, "the streaming server stopped");
+            }
+        });
+        let runtime = server::runtime_service::RuntimeService::new(
+            manager,
+            Some(Arc::new(streaming) as Arc<dyn server::runtime_service::Streaming>),
+        );
         // Graceful shutdown lets running requests finish, for at most SHUTDOWN_GRACE.
         let (tx, mut rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
@@ -151,7 +226,7 @@ fn main() -> Result<()> {
             let _ = rx.wait_for(|v| *v).await;
         };
         tokio::select! {
-            res = server::serve(&socket, svc, stop) => res.context("serving CRI")?,
+            res = server::serve(&socket, svc, Some(runtime), stop) => res.context("serving CRI")?,
             _ = async {
                 let _ = rx2.wait_for(|v| *v).await;
                 tokio::time::sleep(SHUTDOWN_GRACE).await;

@@ -6,8 +6,17 @@
 //! buffers; `deckhand-cri` execs it (never forks itself).
 //!
 //! ```text
-//! deckhand-monitor --root DIR --bundle DIR --id ID --log-path FILE [--exit-file FILE] [--pid-file FILE]
+//! deckhand-monitor --root DIR --bundle DIR --id ID --log-path FILE [--exit-file FILE] [--pid-file FILE] [--report]
+//! deckhand-monitor --hold-pidns
 //! ```
+//! With `--report` it prints `{"pid":N,"startedAt":"RFC3339Nano"}` (the container's init) on
+//! stdout once the container has started, then closes stdout: the caller reads one line and knows the outcome (an error
+//! goes to stderr, with exit status 1). SIGUSR1 reopens the log file (after the kubelet rotated
+//! it). The monitor starts its own session, so a signal to its caller's process group or
+//! terminal never reaches it.
+//!
+//! `--hold-pidns` starts the holder of a pod's shared PID namespace: a child that is pid 1 of
+//! a new PID namespace and only reaps; its pid is printed on stdout and the command exits.
 //! The exit file (default `<root>/<id>/exit.json`) holds
 //! `{"exitCode":N,"finishedAt":"RFC3339Nano","oomKilled":BOOL,"pid":P}` (`oomKilled` from the
 //! container cgroup's OOM-kill counter).
@@ -28,10 +37,12 @@ struct Args {
     log_path: PathBuf,
     exit_file: Option<PathBuf>,
     pid_file: Option<PathBuf>,
+    report: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
+    let mut report = false;
     let (mut root, mut bundle, mut id, mut log_path, mut exit_file, mut pid_file) = (
         PathBuf::from(oci::DEFAULT_ROOT),
         None,
@@ -57,8 +68,9 @@ fn parse_args() -> Result<Args, String> {
             "--log-path" => log_path = Some(PathBuf::from(val()?)),
             "--exit-file" => exit_file = Some(PathBuf::from(val()?)),
             "--pid-file" => pid_file = Some(PathBuf::from(val()?)),
+            "--report" => report = true,
             "--help" | "-h" => {
-                return Err("usage: deckhand-monitor --root DIR --bundle DIR --id ID --log-path FILE [--exit-file FILE] [--pid-file FILE]".into());
+                return Err("usage: deckhand-monitor --root DIR --bundle DIR --id ID --log-path FILE [--exit-file FILE] [--pid-file FILE] [--report] | --hold-pidns".into());
             }
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -70,6 +82,7 @@ fn parse_args() -> Result<Args, String> {
         log_path: log_path.ok_or("--log-path is required")?,
         exit_file,
         pid_file,
+        report,
     })
 }
 
@@ -93,8 +106,50 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--hold-pidns`: forks the pid 1 of a new PID namespace, prints its pid, exits.
+fn hold_pidns() -> Result<(), String> {
+    // SAFETY: plain syscalls in a single-threaded process.
+    unsafe {
+        libc::setsid();
+        if libc::unshare(libc::CLONE_NEWPID) < 0 {
+            return Err(format!(
+                "unshare(CLONE_NEWPID): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        let pid = libc::fork();
+        if pid < 0 {
+            return Err(format!("fork: {}", std::io::Error::last_os_error()));
+        }
+        if pid == 0 {
+            // pid 1 of the namespace: release the caller's pipes, then reap forever.
+            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+            if null >= 0 {
+                for fd in 0..3 {
+                    libc::dup2(null, fd);
+                }
+            }
+            libc::chdir(c"/".as_ptr());
+            loop {
+                let mut st = 0;
+                if libc::waitpid(-1, &mut st, 0) < 0 {
+                    libc::pause();
+                }
+            }
+        }
+        println!("{pid}");
+    }
+    Ok(())
+}
+
 fn run() -> Result<(), String> {
+    if std::env::args().nth(1).as_deref() == Some("--hold-pidns") {
+        return hold_pidns();
+    }
     let args = parse_args()?;
+    // Our own session: a signal to the caller's process group must not reach us.
+    // SAFETY: plain syscall.
+    unsafe { libc::setsid() };
     oci::sealed::ensure_sealed().map_err(|e| format!("re-executing from a sealed copy: {e}"))?;
     // SAFETY: plain prctl.
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } < 0 {
@@ -109,6 +164,7 @@ fn run() -> Result<(), String> {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGCHLD);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
         libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK)
     };
@@ -140,6 +196,19 @@ fn run() -> Result<(), String> {
         let _ = rt.delete(&args.id, true);
         return Err(e.to_string());
     }
+    let started = oci::time::now();
+    if args.report {
+        println!("{{\"pid\":{},\"startedAt\":\"{started}\"}}", created.pid);
+        let _ = std::io::stdout().flush();
+        // SAFETY: replacing our stdout with /dev/null; the caller sees EOF.
+        unsafe {
+            let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
+            if null >= 0 {
+                libc::dup2(null, 1);
+                libc::close(null);
+            }
+        }
+    }
     trim_rss();
     let exit_file = args
         .exit_file
@@ -150,6 +219,7 @@ fn run() -> Result<(), String> {
         sfd,
         [out_r.as_raw_fd(), err_r.as_raw_fd()],
         &mut log,
+        &args.log_path,
     )?;
     // Read before anything destroys the cgroup (the counter lives in it).
     let oom = rt
@@ -167,7 +237,13 @@ fn run() -> Result<(), String> {
 
 /// Copies the two streams into the log until the init has exited and the pipes are drained;
 /// returns the init's exit code (128 + signal when killed).
-fn supervise(init: i32, sfd: RawFd, fds: [RawFd; 2], log: &mut File) -> Result<i32, String> {
+fn supervise(
+    init: i32,
+    sfd: RawFd,
+    fds: [RawFd; 2],
+    log: &mut File,
+    log_path: &std::path::Path,
+) -> Result<i32, String> {
     let mut writers = [LineWriter::new("stdout"), LineWriter::new("stderr")];
     let mut open = [true, true];
     let mut code = None;
@@ -222,8 +298,23 @@ fn supervise(init: i32, sfd: RawFd, fds: [RawFd; 2], log: &mut File) -> Result<i
         }
         if pfds[2].revents != 0 {
             let mut si = [0u8; 128];
-            // SAFETY: draining the signalfd into a buffer of the right size.
-            while unsafe { libc::read(sfd, si.as_mut_ptr().cast(), si.len()) } > 0 {}
+            let mut reopen = false;
+            // SAFETY: draining the signalfd into a buffer of the size of one siginfo.
+            while unsafe { libc::read(sfd, si.as_mut_ptr().cast(), si.len()) } > 0 {
+                let signo = u32::from_ne_bytes([si[0], si[1], si[2], si[3]]);
+                reopen |= signo == libc::SIGUSR1 as u32;
+            }
+            if reopen {
+                // The kubelet renamed the file away: continue in a new one at the same path.
+                match std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log_path)
+                {
+                    Ok(f) => *log = f,
+                    Err(e) => eprintln!("deckhand-monitor: reopening {}: {e}", log_path.display()),
+                }
+            }
         }
         // Reap every child (we are a subreaper); remember the init's status.
         loop {

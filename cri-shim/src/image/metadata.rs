@@ -18,13 +18,13 @@
 //! ([`ContainerRecord`]).
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use super::content::{Digest, sync_dir, unique_suffix};
+use super::content::Digest;
 use super::{IoContext, Result};
+use crate::records::RecordDir;
 
 /// One layer of an image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,64 +148,26 @@ impl Metadata {
         Ok(m)
     }
 
+    fn records(&self, kind: &str) -> RecordDir {
+        RecordDir::at(self.dir.join(kind))
+    }
+
     fn load<T: DeserializeOwned>(&self, kind: &str) -> Result<Vec<T>> {
-        let d = self.dir.join(kind);
-        let mut out = Vec::new();
-        for e in std::fs::read_dir(&d).ctx(|| format!("listing {}", d.display()))? {
-            let e = e.ctx(|| format!("listing {}", d.display()))?;
-            let path = e.path();
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with(".tmp") {
-                let _ = std::fs::remove_file(&path);
-                continue;
-            }
-            if !name.ends_with(".json") {
-                continue;
-            }
-            match std::fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<T>(&b).map_err(|e| e.to_string()))
-            {
-                Ok(r) => out.push(r),
-                Err(err) => {
-                    tracing::warn!(path = %path.display(), %err, "corrupt record moved aside");
-                    let _ = std::fs::rename(&path, path.with_extension("corrupt"));
-                }
-            }
-        }
-        Ok(out)
+        self.records(kind)
+            .load()
+            .map_err(|e| super::ImageError::io("loading image metadata", e))
     }
 
     fn write<T: Serialize>(&self, kind: &str, key: &str, value: &T) -> Result<()> {
-        let d = self.dir.join(kind);
-        let dest = d.join(format!("{key}.json"));
-        let tmp = d.join(format!(".tmp-{key}-{}", unique_suffix()));
-        let json = serde_json::to_vec_pretty(value)
-            .map_err(|e| super::ImageError::io(format!("encoding {}", dest.display()), e))?;
-        let res = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&json)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &dest)
-        })();
-        if res.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        res.ctx(|| format!("writing {}", dest.display()))?;
-        sync_dir(&d)
+        self.records(kind)
+            .write(key, value)
+            .map_err(|e| super::ImageError::io("writing image metadata", e))
     }
 
     fn delete(&self, kind: &str, key: &str) -> Result<()> {
-        let d = self.dir.join(kind);
-        let path = d.join(format!("{key}.json"));
-        match std::fs::remove_file(&path) {
-            Ok(()) => sync_dir(&d),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(super::ImageError::io(
-                format!("removing {}", path.display()),
-                e,
-            )),
-        }
+        self.records(kind)
+            .delete(key)
+            .map_err(|e| super::ImageError::io("removing image metadata", e))
     }
 
     /// Stores an image record.

@@ -44,6 +44,14 @@ pub(crate) struct Args<'a> {
 
 /// Entry point of the cloned child. Never returns.
 pub(crate) fn child_main(a: &Args<'_>, sync: &OwnedFd) -> ! {
+    // The container's process starts with no signal blocked, whatever its parent blocked
+    // (the monitor blocks SIGCHLD and SIGUSR1 for its signalfd).
+    // SAFETY: an empty set from sigemptyset.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
     let code = match run(a, sync) {
         Ok(()) => 0,
         Err(Fail::Report(msg)) => {
@@ -267,7 +275,13 @@ fn home_of(uid: u32) -> Option<String> {
 pub(crate) fn find_executable(name: &str, env: &[String]) -> R<String> {
     use std::os::unix::fs::PermissionsExt;
     if name.contains('/') {
-        return Ok(name.to_string());
+        // As runc: the file must exist (an error here is reported by `create`, not lost
+        // after `start`).
+        return match std::fs::metadata(name) {
+            Ok(m) if m.is_dir() => Err(format!("exec: \"{name}\": is a directory")),
+            Ok(_) => Ok(name.to_string()),
+            Err(e) => Err(format!("exec: \"{name}\": stat {name}: {e}")),
+        };
     }
     let path = env
         .iter()
@@ -473,6 +487,11 @@ mod tests {
             e,
             "exec: \"dh-no-such-binary\": executable file not found in $PATH"
         );
-        assert_eq!(find_executable("/x/y", &[]).expect("abs"), "/x/y");
+        assert_eq!(find_executable("/bin/sh", &[]).expect("abs"), "/bin/sh");
+        let e = find_executable("/dh/no/such", &[]).expect_err("missing");
+        assert!(
+            e.starts_with("exec: \"/dh/no/such\": stat /dh/no/such:"),
+            "{e}"
+        );
     }
 }

@@ -1,14 +1,16 @@
 //! The CRI gRPC services of `deckhand-cri` and serving them on a unix socket.
 //!
-//! Today: the [`ImageService`](image_service::ImageService). The `RuntimeService` comes with the
-//! runtime issue.
+//! The [`ImageService`](image_service::ImageService) over the image store and the
+//! [`RuntimeService`](runtime_service::RuntimeService) over the pod manager, on one socket.
 
 pub mod image_service;
+pub mod runtime_service;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use deckhand_proto::cri::image_service_server::ImageServiceServer;
+use deckhand_proto::cri::runtime_service_server::RuntimeServiceServer;
 use tokio_stream::wrappers::UnixListenerStream;
 
 /// Errors of [`serve`].
@@ -29,10 +31,12 @@ pub enum ServeError {
 }
 
 /// Binds `socket` (replacing a stale socket file, creating its directory), makes it mode 0660
-/// and serves the image service until `shutdown` completes.
+/// and serves the image service (and the runtime service, when given) until `shutdown`
+/// completes.
 pub async fn serve(
     socket: &Path,
     images: image_service::ImageService,
+    runtime: Option<runtime_service::RuntimeService>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let sock_err = |source: std::io::Error| ServeError::Socket {
@@ -65,12 +69,18 @@ pub async fn serve(
         let _ = std::fs::remove_file(&tmp);
         return Err(sock_err(e));
     }
-    tracing::info!(socket = %socket.display(), "serving CRI ImageService");
+    tracing::info!(socket = %socket.display(), runtime = runtime.is_some(), "serving CRI");
     let svc = ImageServiceServer::new(images)
         .max_decoding_message_size(deckhand_proto::CRI_MAX_MESSAGE_SIZE)
         .max_encoding_message_size(deckhand_proto::CRI_MAX_MESSAGE_SIZE);
+    let rsvc = runtime.map(|r| {
+        RuntimeServiceServer::new(r)
+            .max_decoding_message_size(deckhand_proto::CRI_MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(deckhand_proto::CRI_MAX_MESSAGE_SIZE)
+    });
     let res = tonic::transport::Server::builder()
         .add_service(svc)
+        .add_optional_service(rsvc)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
     let _ = std::fs::remove_file(socket);

@@ -356,6 +356,15 @@ pub struct Daemon {
 impl Daemon {
     /// Starts the daemon on `dir/cri.sock` with its root in `dir/root` and waits for its socket.
     pub fn start(dir: &Path, registry_config: Option<&Path>) -> Result<Daemon> {
+        Self::start_with(dir, registry_config, &[])
+    }
+
+    /// [`Daemon::start`] with more flags.
+    pub fn start_with(
+        dir: &Path,
+        registry_config: Option<&Path>,
+        extra: &[std::ffi::OsString],
+    ) -> Result<Daemon> {
         let socket = dir.join("cri.sock");
         let root = dir.join("root");
         let log = dir.join(format!("daemon-{}.log", unique_name("log")));
@@ -380,6 +389,7 @@ impl Daemon {
         if let Some(r) = registry_config {
             cmd.arg("--registry-config").arg(r);
         }
+        cmd.args(extra);
         let child = cmd.spawn().context("starting deckhand-cri")?;
         let mut d = Daemon {
             child,

@@ -130,6 +130,13 @@ pub fn build_catalog(opts: &BuildOptions) -> Result<Catalog> {
         },
     )?);
 
+    // dh/pause (pushed after dh/httpd, in catalog order)
+    let pause_runtime = RuntimeConfig {
+        cmd: Some(vec!["sleep".into(), "2147483647".into()]),
+        ..busybox_runtime.clone()
+    };
+    let pause = ImageDef::amd64(pause_runtime, vec![(base.clone(), Compression::Gzip)]);
+
     // dh/httpd
     let httpd = LayerSpec::new(
         "httpd-www",
@@ -157,6 +164,7 @@ pub fn build_catalog(opts: &BuildOptions) -> Result<Catalog> {
             ],
         ),
     )?);
+    images.push(b.image(PAUSE, &pause)?);
 
     // dh/config
     let config_layer = LayerSpec::new(

@@ -69,6 +69,8 @@ pub const BUSYBOX: &str = "dh/busybox:latest";
 pub const BUSYBOX_DOCKER: &str = "dh/busybox:docker";
 /// `dh/httpd:latest`.
 pub const HTTPD: &str = "dh/httpd:latest";
+/// `dh/pause:latest`: the test bed containerd's sandbox image (busybox sleeping forever).
+pub const PAUSE: &str = "dh/pause:latest";
 /// `dh/config:latest`.
 pub const CONFIG: &str = "dh/config:latest";
 /// `dh/layers:latest` (gzip layers).
@@ -109,6 +111,10 @@ pub const CATALOG: &[(&str, &str)] = &[
     (
         HTTPD,
         "busybox + /www/index.html; httpd -f -v -p 8080 -h /www",
+    ),
+    (
+        PAUSE,
+        "the busybox layer; Cmd [sleep 2147483647]: containerd's sandbox image in the test bed",
     ),
     (
         CONFIG,

@@ -1,0 +1,578 @@
+//! A pod's API status from what the runtime reports, as upstream's `generateAPIPodStatus`.
+//!
+//! Pure functions: the worker observes the runtime ([`Instance`]s of each container, newest
+//! first) and passes what it decided itself (waiting reasons such as `CrashLoopBackOff` or
+//! `ErrImagePull`); [`pod_status`] gives phase, conditions, IPs, QoS class and the container
+//! statuses. Condition transition times are kept from the previous status when a condition
+//! did not change, so a status computed again after a kubelet restart is equal.
+
+use std::collections::HashMap;
+
+use deckhand_proto::cri::{self, ContainerState as CriState};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerState, ContainerStateRunning, ContainerStateTerminated,
+    ContainerStateWaiting, ContainerStatus, Pod, PodCondition, PodIP, PodStatus,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+
+use super::spec::{self, CONTAINER_RESTART_COUNT};
+
+/// One runtime container of a pod.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    /// The sandbox it belongs to.
+    pub sandbox_id: String,
+    /// Its status.
+    pub status: cri::ContainerStatus,
+}
+
+impl Instance {
+    /// The container's name in the pod spec.
+    pub fn name(&self) -> &str {
+        self.status
+            .metadata
+            .as_ref()
+            .map(|m| m.name.as_str())
+            .unwrap_or_default()
+    }
+
+    /// Its restart count (annotation).
+    pub fn restart_count(&self) -> u32 {
+        self.status
+            .annotations
+            .get(CONTAINER_RESTART_COUNT)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Its CRI state.
+    pub fn state(&self) -> CriState {
+        CriState::try_from(self.status.state).unwrap_or(CriState::ContainerUnknown)
+    }
+
+    /// Whether it exited.
+    pub fn exited(&self) -> bool {
+        self.state() == CriState::ContainerExited
+    }
+
+    /// Whether it runs.
+    pub fn running(&self) -> bool {
+        self.state() == CriState::ContainerRunning
+    }
+}
+
+/// A reason the kubelet itself gives for a container that does not run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiting {
+    /// `CrashLoopBackOff`, `ErrImagePull`, `ImagePullBackOff`, `CreateContainerConfigError`...
+    pub reason: String,
+    /// The message.
+    pub message: String,
+}
+
+/// Everything the status is computed from.
+#[derive(Debug, Clone, Default)]
+pub struct Observed<'a> {
+    /// Instances of the current sandbox's containers by name, newest first.
+    pub instances: HashMap<String, Vec<&'a Instance>>,
+    /// Reasons decided by the worker, by container name.
+    pub waiting: HashMap<String, Waiting>,
+    /// The pod's IPs from the sandbox.
+    pub pod_ips: Vec<String>,
+    /// The node IP.
+    pub host_ip: String,
+    /// The runtime's name for container IDs (`containerd`).
+    pub runtime_name: String,
+    /// The start time to report.
+    pub start_time: Option<Time>,
+    /// A sandbox exists (ContainerCreating vs PodInitializing).
+    pub sandbox_ready: bool,
+}
+
+fn time(ns: i64) -> Option<Time> {
+    if ns <= 0 {
+        return None;
+    }
+    Timestamp::from_nanosecond(i128::from(ns)).ok().map(Time)
+}
+
+fn terminated(i: &Instance, runtime: &str) -> ContainerStateTerminated {
+    let s = &i.status;
+    let reason = if !s.reason.is_empty() {
+        s.reason.clone()
+    } else if s.exit_code == 0 {
+        "Completed".into()
+    } else {
+        "Error".into()
+    };
+    ContainerStateTerminated {
+        exit_code: s.exit_code,
+        reason: Some(reason),
+        message: Some(s.message.clone()).filter(|m| !m.is_empty()),
+        started_at: time(s.started_at),
+        finished_at: time(s.finished_at),
+        container_id: Some(format!("{runtime}://{}", s.id)),
+        signal: None,
+    }
+}
+
+fn waiting(reason: &str, message: Option<&str>) -> ContainerState {
+    ContainerState {
+        waiting: Some(ContainerStateWaiting {
+            reason: Some(reason.to_string()),
+            message: message.map(str::to_string).filter(|m| !m.is_empty()),
+        }),
+        ..Default::default()
+    }
+}
+
+/// One container's status.
+pub fn container_status(
+    c: &Container,
+    obs: &Observed<'_>,
+    default_reason: &str,
+) -> ContainerStatus {
+    let instances = obs
+        .instances
+        .get(&c.name)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let latest = instances.first();
+    let kubelet_reason = obs.waiting.get(&c.name);
+    let rt = &obs.runtime_name;
+    let (state, last) = match latest {
+        None => (
+            match kubelet_reason {
+                Some(w) => waiting(&w.reason, Some(&w.message)),
+                None => waiting(default_reason, None),
+            },
+            None,
+        ),
+        Some(i) if i.running() => (
+            ContainerState {
+                running: Some(ContainerStateRunning {
+                    started_at: time(i.status.started_at),
+                }),
+                ..Default::default()
+            },
+            instances
+                .get(1)
+                .filter(|p| p.exited())
+                .map(|p| terminated(p, rt)),
+        ),
+        Some(i) if i.exited() => match kubelet_reason {
+            Some(w) => (
+                waiting(&w.reason, Some(&w.message)),
+                Some(terminated(i, rt)),
+            ),
+            None => (
+                ContainerState {
+                    terminated: Some(terminated(i, rt)),
+                    ..Default::default()
+                },
+                instances
+                    .get(1)
+                    .filter(|p| p.exited())
+                    .map(|p| terminated(p, rt)),
+            ),
+        },
+        Some(_) => (
+            waiting(
+                kubelet_reason.map_or("ContainerCreating", |w| &w.reason),
+                kubelet_reason.map(|w| w.message.as_str()),
+            ),
+            None,
+        ),
+    };
+    let running = state.running.is_some();
+    ContainerStatus {
+        name: c.name.clone(),
+        image: c.image.clone().unwrap_or_default(),
+        image_id: latest
+            .map(|i| i.status.image_ref.clone())
+            .unwrap_or_default(),
+        container_id: latest.map(|i| format!("{rt}://{}", i.status.id)),
+        ready: running,
+        started: Some(running),
+        restart_count: latest.map_or(0, |i| i32::try_from(i.restart_count()).unwrap_or(i32::MAX)),
+        last_state: last.map(|t| ContainerState {
+            terminated: Some(t),
+            ..Default::default()
+        }),
+        state: Some(state),
+        ..Default::default()
+    }
+}
+
+fn condition(
+    type_: &str,
+    ok: bool,
+    reason: Option<&str>,
+    message: Option<String>,
+    previous: &[PodCondition],
+    now: &Time,
+) -> PodCondition {
+    let status = if ok { "True" } else { "False" };
+    let prev = previous.iter().find(|c| c.type_ == type_);
+    let since = match prev {
+        Some(p) if p.status == status => p.last_transition_time.clone(),
+        _ => Some(now.clone()),
+    };
+    PodCondition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: if ok { None } else { reason.map(str::to_string) },
+        message: if ok { None } else { message },
+        last_transition_time: since,
+        last_probe_time: None,
+        observed_generation: None,
+    }
+}
+
+fn is_succeeded(s: &ContainerStatus) -> bool {
+    s.state
+        .as_ref()
+        .and_then(|s| s.terminated.as_ref())
+        .is_some_and(|t| t.exit_code == 0)
+}
+
+fn is_failed(s: &ContainerStatus) -> bool {
+    s.state
+        .as_ref()
+        .and_then(|s| s.terminated.as_ref())
+        .is_some_and(|t| t.exit_code != 0)
+}
+
+/// The phase, as upstream's `getPhase` (without sidecars).
+pub fn phase(pod: &Pod, init: &[ContainerStatus], main: &[ContainerStatus]) -> &'static str {
+    let restart = spec::spec(pod)
+        .restart_policy
+        .as_deref()
+        .unwrap_or("Always");
+    let mut pending_init = 0;
+    for s in init {
+        if is_succeeded(s) {
+            continue;
+        }
+        let failed_now = is_failed(s)
+            || s.last_state
+                .as_ref()
+                .is_some_and(|l| l.terminated.is_some());
+        if failed_now && restart == "Never" {
+            return "Failed";
+        }
+        pending_init += 1;
+    }
+    let (mut running, mut waiting, mut stopped, mut succeeded) = (0, 0, 0, 0);
+    for s in main {
+        let st = s.state.as_ref();
+        if st.is_some_and(|s| s.running.is_some()) {
+            running += 1;
+        } else if let Some(t) = st.and_then(|s| s.terminated.as_ref()) {
+            stopped += 1;
+            if t.exit_code == 0 {
+                succeeded += 1;
+            }
+        } else if s
+            .last_state
+            .as_ref()
+            .is_some_and(|l| l.terminated.is_some())
+        {
+            stopped += 1;
+        } else {
+            waiting += 1;
+        }
+    }
+    if pending_init > 0 || waiting > 0 {
+        return "Pending";
+    }
+    if running > 0 {
+        return "Running";
+    }
+    if stopped > 0 {
+        if restart == "Always" {
+            return "Running";
+        }
+        if stopped == succeeded {
+            return "Succeeded";
+        }
+        if restart == "Never" {
+            return "Failed";
+        }
+        return "Running";
+    }
+    "Pending"
+}
+
+/// The pod's whole status; `previous` is the status the API server has.
+pub fn pod_status(pod: &Pod, obs: &Observed<'_>, previous: Option<&PodStatus>) -> PodStatus {
+    let s = spec::spec(pod);
+    let init: Vec<ContainerStatus> = s
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| {
+            container_status(
+                c,
+                obs,
+                if obs.sandbox_ready {
+                    "PodInitializing"
+                } else {
+                    "ContainerCreating"
+                },
+            )
+        })
+        .collect();
+    let init_done = init.iter().all(is_succeeded);
+    let main: Vec<ContainerStatus> = s
+        .containers
+        .iter()
+        .map(|c| {
+            container_status(
+                c,
+                obs,
+                if init_done && obs.sandbox_ready || s.init_containers.is_none() {
+                    "ContainerCreating"
+                } else {
+                    "PodInitializing"
+                },
+            )
+        })
+        .collect();
+    let phase = phase(pod, &init, &main);
+    let now = Time(Timestamp::now());
+    let prev_conds = previous
+        .and_then(|p| p.conditions.as_deref())
+        .unwrap_or_default();
+    fn not(list: &[ContainerStatus], pred: &dyn Fn(&ContainerStatus) -> bool) -> Vec<String> {
+        list.iter()
+            .filter(|s| !pred(s))
+            .map(|s| s.name.clone())
+            .collect()
+    }
+    let uninit = not(&init, &is_succeeded);
+    let initialized = uninit.is_empty() || phase == "Succeeded";
+    let unready = not(&main, &|s| s.ready);
+    let completed = phase == "Succeeded";
+    let ready_reason = if completed {
+        "PodCompleted"
+    } else {
+        "ContainersNotReady"
+    };
+    let unready_msg =
+        (!completed).then(|| format!("containers with unready status: [{}]", unready.join(" ")));
+    let mut conditions = vec![
+        condition(
+            "Initialized",
+            initialized,
+            Some("ContainersNotInitialized"),
+            Some(format!(
+                "containers with incomplete status: [{}]",
+                uninit.join(" ")
+            )),
+            prev_conds,
+            &now,
+        ),
+        condition(
+            "Ready",
+            unready.is_empty() && !completed,
+            Some(ready_reason),
+            unready_msg.clone(),
+            prev_conds,
+            &now,
+        ),
+        condition(
+            "ContainersReady",
+            unready.is_empty() && !completed,
+            Some(ready_reason),
+            unready_msg,
+            prev_conds,
+            &now,
+        ),
+    ];
+    match prev_conds.iter().find(|c| c.type_ == "PodScheduled") {
+        Some(c) => conditions.push(c.clone()),
+        None => conditions.push(condition("PodScheduled", true, None, None, &[], &now)),
+    }
+    let pod_ips = if spec::host_network(pod) {
+        vec![obs.host_ip.clone()]
+            .into_iter()
+            .filter(|i| !i.is_empty())
+            .collect()
+    } else {
+        obs.pod_ips.clone()
+    };
+    PodStatus {
+        phase: Some(phase.into()),
+        conditions: Some(conditions),
+        host_ip: Some(obs.host_ip.clone()).filter(|i| !i.is_empty()),
+        pod_ip: pod_ips.first().cloned(),
+        pod_ips: (!pod_ips.is_empty())
+            .then(|| pod_ips.iter().map(|ip| PodIP { ip: ip.clone() }).collect()),
+        start_time: obs.start_time.clone(),
+        qos_class: Some(spec::qos_class(pod).into()),
+        init_container_statuses: (!init.is_empty()).then_some(init),
+        container_statuses: Some(main),
+        ..Default::default()
+    }
+}
+
+/// Whether two statuses are the same for the API (ignoring fields the kubelet does not own).
+pub fn same(a: &PodStatus, b: &PodStatus) -> bool {
+    let norm = |s: &PodStatus| {
+        let mut v = serde_json::to_value(s).unwrap_or_default();
+        if let Some(o) = v.as_object_mut() {
+            o.retain(|k, _| {
+                matches!(
+                    k.as_str(),
+                    "phase"
+                        | "conditions"
+                        | "hostIP"
+                        | "podIP"
+                        | "podIPs"
+                        | "startTime"
+                        | "qosClass"
+                        | "initContainerStatuses"
+                        | "containerStatuses"
+                        | "reason"
+                        | "message"
+                )
+            });
+            if let Some(c) = o.get_mut("conditions").and_then(|c| c.as_array_mut()) {
+                c.sort_by(|x, y| x["type"].as_str().cmp(&y["type"].as_str()));
+            }
+        }
+        v
+    };
+    norm(a) == norm(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inst(name: &str, state: CriState, exit: i32, restarts: u32, id: &str) -> Instance {
+        Instance {
+            sandbox_id: "s".into(),
+            status: cri::ContainerStatus {
+                id: id.into(),
+                metadata: Some(cri::ContainerMetadata {
+                    name: name.into(),
+                    attempt: restarts,
+                }),
+                state: state as i32,
+                exit_code: exit,
+                started_at: 1_700_000_000_000_000_000,
+                finished_at: if state == CriState::ContainerExited {
+                    1_700_000_001_000_000_000
+                } else {
+                    0
+                },
+                image_ref: "sha256:abc".into(),
+                annotations: HashMap::from([(
+                    CONTAINER_RESTART_COUNT.to_string(),
+                    restarts.to_string(),
+                )]),
+                ..Default::default()
+            },
+        }
+    }
+
+    fn pod(restart: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "uid": "u"},
+            "spec": {"restartPolicy": restart, "initContainers": [{"name": "i", "image": "b"}],
+                "containers": [{"name": "c", "image": "b"}]}
+        }))
+        .expect("pod")
+    }
+
+    #[test]
+    fn running_pod() {
+        let i = inst("i", CriState::ContainerExited, 0, 0, "i1");
+        let c = inst("c", CriState::ContainerRunning, 0, 0, "c1");
+        let obs = Observed {
+            instances: HashMap::from([("i".into(), vec![&i]), ("c".into(), vec![&c])]),
+            host_ip: "10.0.0.1".into(),
+            runtime_name: "containerd".into(),
+            sandbox_ready: true,
+            ..Default::default()
+        };
+        let p = pod("Always");
+        let s = pod_status(&p, &obs, None);
+        assert_eq!(s.phase.as_deref(), Some("Running"));
+        let cs = &s.container_statuses.as_ref().expect("statuses")[0];
+        assert!(cs.ready);
+        assert_eq!(cs.container_id.as_deref(), Some("containerd://c1"));
+        let conds = s.conditions.as_ref().expect("conditions");
+        assert!(conds.iter().all(|c| c.status == "True"), "{conds:?}");
+        assert_eq!(s.qos_class.as_deref(), Some("BestEffort"));
+        // The same observation again is the same status.
+        assert!(same(&s, &pod_status(&p, &obs, Some(&s))));
+    }
+
+    #[test]
+    fn crash_loop_and_completion() {
+        let i = inst("i", CriState::ContainerExited, 0, 0, "i1");
+        let c = inst("c", CriState::ContainerExited, 3, 2, "c3");
+        let obs = Observed {
+            instances: HashMap::from([("i".into(), vec![&i]), ("c".into(), vec![&c])]),
+            waiting: HashMap::from([(
+                "c".into(),
+                Waiting {
+                    reason: "CrashLoopBackOff".into(),
+                    message: "back-off".into(),
+                },
+            )]),
+            sandbox_ready: true,
+            ..Default::default()
+        };
+        let s = pod_status(&pod("Always"), &obs, None);
+        assert_eq!(s.phase.as_deref(), Some("Running"));
+        let cs = &s.container_statuses.as_ref().expect("statuses")[0];
+        let w = cs
+            .state
+            .as_ref()
+            .and_then(|s| s.waiting.as_ref())
+            .expect("waiting");
+        assert_eq!(w.reason.as_deref(), Some("CrashLoopBackOff"));
+        let last = cs
+            .last_state
+            .as_ref()
+            .and_then(|s| s.terminated.as_ref())
+            .expect("last");
+        assert_eq!((last.exit_code, last.reason.as_deref()), (3, Some("Error")));
+        assert_eq!(cs.restart_count, 2);
+
+        let ok = inst("c", CriState::ContainerExited, 0, 0, "c1");
+        let obs = Observed {
+            instances: HashMap::from([("i".into(), vec![&i]), ("c".into(), vec![&ok])]),
+            sandbox_ready: true,
+            ..Default::default()
+        };
+        let s = pod_status(&pod("Never"), &obs, None);
+        assert_eq!(s.phase.as_deref(), Some("Succeeded"));
+        let cs = &s.container_statuses.as_ref().expect("statuses")[0];
+        let t = cs
+            .state
+            .as_ref()
+            .and_then(|s| s.terminated.as_ref())
+            .expect("terminated");
+        assert_eq!(t.reason.as_deref(), Some("Completed"));
+        let bad = inst("i", CriState::ContainerExited, 1, 0, "i1");
+        let obs = Observed {
+            instances: HashMap::from([("i".into(), vec![&bad])]),
+            sandbox_ready: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            pod_status(&pod("Never"), &obs, None).phase.as_deref(),
+            Some("Failed")
+        );
+        assert_eq!(
+            pod_status(&pod("Always"), &obs, None).phase.as_deref(),
+            Some("Pending")
+        );
+    }
+}

@@ -1,0 +1,854 @@
+//! One pod's worker: a [`Reconciler`] that converges the runtime on the pod's desired state.
+//!
+//! Each reconcile observes the runtime (ListPodSandbox and ListContainers filtered by the pod's
+//! UID label, ContainerStatus of each), then takes the steps upstream's `SyncPod` takes, each
+//! idempotent: admission, a sandbox (a new attempt when the latest is not ready), image pulls
+//! per pull policy, init containers one at a time in order, main containers, restarts per
+//! restartPolicy with back-off (10 s doubling to 5 min, reset after 10 min of running), and
+//! finally the status, patched on the API server only when it changed. A deleted pod is
+//! stopped (StopContainer with the grace period, StopPodSandbox, RemovePodSandbox) and only
+//! then, once the runtime shows nothing left, deleted from the API server (grace period 0 with
+//! the UID as precondition). Nothing is kept that the runtime and the API cannot give back:
+//! after a kubelet restart a worker finds its containers running and leaves them alone.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deckhand_proto::cri::{self, DnsConfig, PodSandboxState};
+use k8s_openapi::api::core::v1::{Container, Pod, PodStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
+use serde_json::json;
+use tokio::sync::{OnceCell, mpsc, watch};
+
+use super::spec::{self, ContainerInputs, RuntimeFacts};
+use super::status::{self, Instance, Observed, Waiting};
+use super::{Desired, ManagerEvent, Source};
+use crate::reconcile::{Action, Backoff, Reconciler};
+use crate::runtime::{RuntimeClient, RuntimeError};
+
+/// Restart back-off bounds (upstream's 10 s and 5 min).
+pub const RESTART_BACKOFF_INITIAL: Duration = Duration::from_secs(10);
+/// The longest restart back-off.
+pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// Running this long resets a container's back-off.
+const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(600);
+/// How long a failed pull shows as ErrImagePull before the wait shows as ImagePullBackOff.
+const ERR_IMAGE_PULL_SHOWN: Duration = Duration::from_secs(2);
+/// A sandbox label naming the node whose kubelet made it, so that kubelets sharing a runtime
+/// only collect their own orphans.
+pub const NODE_LABEL: &str = "deckhand.io/node";
+
+/// What every worker shares.
+pub struct Context {
+    /// The runtime.
+    pub runtime: Arc<RuntimeClient>,
+    /// The API server (none in standalone mode).
+    pub client: Option<kube::Client>,
+    /// This node.
+    pub node_name: String,
+    /// The node IP (hostIP).
+    pub node_ip: String,
+    /// Pod log directories' root (`/var/log/pods`).
+    pub logs_root: PathBuf,
+    /// `<root-dir>/pods`.
+    pub pods_dir: PathBuf,
+    /// The node's memory, for OOM scores.
+    pub memory_capacity: u64,
+    /// `clusterDNS`.
+    pub cluster_dns: Vec<std::net::IpAddr>,
+    /// `clusterDomain`.
+    pub cluster_domain: Option<String>,
+    /// The host's resolv.conf.
+    pub host_dns: DnsConfig,
+    /// The runtime's name (`containerd`), for container IDs.
+    pub runtime_name: OnceCell<String>,
+}
+
+/// An error of one pod reconcile.
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    /// A CRI call failed.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// An API call failed.
+    #[error("{what}: {source}")]
+    Api {
+        /// What was done.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The runtime still shows the pod after stopping it.
+    #[error("the runtime still has {0} sandbox(es) of the pod")]
+    Remaining(usize),
+    /// A directory could not be made.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct RestartBackoff {
+    delay: Duration,
+    last: Instant,
+}
+
+/// The worker of one pod UID.
+pub struct PodWorker {
+    uid: String,
+    ctx: Arc<Context>,
+    desired: watch::Receiver<Desired>,
+    events: mpsc::UnboundedSender<ManagerEvent>,
+    restarts: HashMap<String, RestartBackoff>,
+    pulls: HashMap<String, RestartBackoff>,
+    waiting: HashMap<String, Waiting>,
+    last_status: Option<PodStatus>,
+    start_time: Option<Time>,
+    errors: Backoff,
+    finished: bool,
+    /// The phase last computed (or the API's at start): a terminal pod is not synced again.
+    phase: Option<String>,
+}
+
+/// What the runtime has of the pod.
+#[derive(Debug, Default)]
+struct Runtime {
+    /// Newest first.
+    sandboxes: Vec<cri::PodSandbox>,
+    /// Newest first.
+    instances: Vec<Instance>,
+}
+
+impl Runtime {
+    fn current(&self) -> Option<&cri::PodSandbox> {
+        self.sandboxes.first()
+    }
+
+    fn ready(&self) -> bool {
+        self.current()
+            .is_some_and(|s| s.state == PodSandboxState::SandboxReady as i32)
+    }
+
+    /// Instances of `name` in the current sandbox, newest first.
+    fn of(&self, name: &str) -> Vec<&Instance> {
+        let Some(sb) = self.current() else {
+            return Vec::new();
+        };
+        self.instances
+            .iter()
+            .filter(|i| i.sandbox_id == sb.id && i.name() == name)
+            .collect()
+    }
+
+    /// The next restart count for `name` (across all sandboxes).
+    fn next_restart_count(&self, name: &str) -> u32 {
+        self.instances
+            .iter()
+            .filter(|i| i.name() == name)
+            .map(|i| i.restart_count() + 1)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// What a sync decided to wait for.
+enum Next {
+    /// Nothing to do until an event.
+    Events,
+    /// Look again after this long (back-off).
+    After(Duration),
+}
+
+impl PodWorker {
+    /// A worker for pod `uid`.
+    pub fn new(
+        uid: String,
+        ctx: Arc<Context>,
+        desired: watch::Receiver<Desired>,
+        events: mpsc::UnboundedSender<ManagerEvent>,
+    ) -> PodWorker {
+        let previous = desired.borrow().pod.status.clone();
+        let previous_phase = previous.as_ref().and_then(|s| s.phase.clone());
+        PodWorker {
+            uid,
+            ctx,
+            start_time: previous.as_ref().and_then(|s| s.start_time.clone()),
+            last_status: previous,
+            desired,
+            events,
+            restarts: HashMap::new(),
+            pulls: HashMap::new(),
+            waiting: HashMap::new(),
+            errors: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
+            finished: false,
+            phase: previous_phase,
+        }
+    }
+
+    async fn observe(&self) -> Result<Runtime, PodError> {
+        let rt = &self.ctx.runtime;
+        let mut sandboxes = rt.list_pod_sandboxes(spec::uid_selector(&self.uid)).await?;
+        sandboxes.sort_by(|a, b| {
+            let att = |s: &cri::PodSandbox| s.metadata.as_ref().map_or(0, |m| m.attempt);
+            (att(b), b.created_at).cmp(&(att(a), a.created_at))
+        });
+        let containers = rt.list_containers(spec::uid_selector(&self.uid)).await?;
+        let mut instances = Vec::new();
+        for c in containers {
+            match rt.container_status(&c.id).await {
+                Ok(status) => instances.push(Instance {
+                    sandbox_id: c.pod_sandbox_id.clone(),
+                    status,
+                }),
+                Err(e) if RuntimeClient::status_code(&e) == Some(tonic::Code::NotFound) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        instances.sort_by(|a, b| {
+            (b.restart_count(), b.status.created_at).cmp(&(a.restart_count(), a.status.created_at))
+        });
+        Ok(Runtime {
+            sandboxes,
+            instances,
+        })
+    }
+
+    async fn runtime_name(&self) -> String {
+        self.ctx
+            .runtime_name
+            .get_or_init(|| async {
+                match self.ctx.runtime.version().await {
+                    Ok(v) => v.runtime_name,
+                    Err(_) => "cri".to_string(),
+                }
+            })
+            .await
+            .clone()
+    }
+
+    fn dns(&self, pod: &Pod) -> DnsConfig {
+        spec::dns_config(
+            pod,
+            &self.ctx.cluster_dns,
+            self.ctx.cluster_domain.as_deref(),
+            &self.ctx.host_dns,
+        )
+    }
+
+    fn sandbox_config(&self, pod: &Pod, attempt: u32) -> cri::PodSandboxConfig {
+        let mut c = spec::sandbox_config(pod, attempt, &self.ctx.logs_root, self.dns(pod));
+        c.labels
+            .insert(NODE_LABEL.into(), self.ctx.node_name.clone());
+        c
+    }
+
+    /// Stops every container and sandbox of the pod; with `remove`, removes the sandboxes and
+    /// the pod's directories too.
+    async fn kill(&self, obs: &Runtime, grace: i64, remove: bool) -> Result<(), PodError> {
+        let rt = &self.ctx.runtime;
+        let running: Vec<&Instance> = obs
+            .instances
+            .iter()
+            .filter(|i| i.running() || i.state() == cri::ContainerState::ContainerCreated)
+            .collect();
+        let stops = running.iter().map(|i| async move {
+            tracing::info!(pod_uid = %self.uid, container = i.name(), grace, "stopping container");
+            rt.stop_container(&i.status.id, grace).await
+        });
+        for r in futures::future::join_all(stops).await {
+            match r {
+                Err(e) if RuntimeClient::status_code(&e) != Some(tonic::Code::NotFound) => {
+                    return Err(e.into());
+                }
+                _ => {}
+            }
+        }
+        for sb in &obs.sandboxes {
+            rt.stop_pod_sandbox(&sb.id).await?;
+            if remove {
+                rt.remove_pod_sandbox(&sb.id).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn cleanup_dirs(&self, pod: &Pod) {
+        let dirs = [
+            self.ctx.pods_dir.join(&self.uid),
+            spec::log_directory(&self.ctx.logs_root, pod),
+        ];
+        for d in dirs {
+            if let Err(e) = std::fs::remove_dir_all(&d)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(dir = %d.display(), "removing the pod's directory: {e}");
+            }
+        }
+        remove_pod_cgroups(&spec::cgroup_parent(pod));
+    }
+
+    /// The deleted pod: stop, remove, then delete the API object.
+    async fn terminate(&mut self, d: &Desired) -> Result<Action, PodError> {
+        let pod = &d.pod;
+        let grace = spec::grace_period(pod);
+        let obs = self.observe().await?;
+        if !obs.sandboxes.is_empty() {
+            tracing::info!(pod = %spec::full_name(pod), pod_uid = %self.uid, grace, "killing the pod");
+        }
+        self.kill(&obs, grace, true).await?;
+        let left = self.observe().await?;
+        if !left.sandboxes.is_empty() {
+            return Err(PodError::Remaining(left.sandboxes.len()));
+        }
+        self.cleanup_dirs(pod);
+        if d.source == Source::Api
+            && !d.removed
+            && let Some(client) = &self.ctx.client
+        {
+            let (name, ns, uid) = spec::ids(pod);
+            let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+            let dp = DeleteParams {
+                grace_period_seconds: Some(0),
+                preconditions: Some(Preconditions {
+                    uid: Some(uid.to_string()),
+                    resource_version: None,
+                }),
+                ..Default::default()
+            };
+            match api.delete(name, &dp).await {
+                Ok(_) => {
+                    tracing::info!(pod = %spec::full_name(pod), "pod deleted from the API server")
+                }
+                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+                Err(source) => {
+                    return Err(PodError::Api {
+                        what: "deleting the pod",
+                        source,
+                    });
+                }
+            }
+        }
+        tracing::info!(pod = %spec::full_name(pod), pod_uid = %self.uid, "pod terminated");
+        self.finished = true;
+        let _ = self.events.send(ManagerEvent::WorkerDone(self.uid.clone()));
+        Ok(Action::await_change())
+    }
+
+    /// Ensures `c`'s image per its pull policy; on failure records the waiting reason.
+    async fn ensure_image(
+        &mut self,
+        c: &Container,
+        sandbox: &cri::PodSandboxConfig,
+    ) -> Result<Option<String>, PodError> {
+        let image = c.image.clone().unwrap_or_default();
+        let policy = spec::pull_policy(c).to_string();
+        let present = match self.ctx.runtime.image_status(&image).await? {
+            Some(i) => Some(i.id),
+            None => None,
+        };
+        if policy != "Always"
+            && let Some(id) = present
+        {
+            return Ok(Some(id));
+        }
+        if policy == "Never" {
+            self.waiting.insert(
+                c.name.clone(),
+                Waiting {
+                    reason: "ErrImageNeverPull".into(),
+                    message: format!(
+                        "Container image {image:?} is not present with pull policy of Never"
+                    ),
+                },
+            );
+            return Ok(None);
+        }
+        let now = Instant::now();
+        if let Some(b) = self.pulls.get(&image)
+            && now < b.last + b.delay
+        {
+            self.waiting.insert(
+                c.name.clone(),
+                Waiting {
+                    reason: "ImagePullBackOff".into(),
+                    message: format!("Back-off pulling image {image:?}"),
+                },
+            );
+            return Ok(None);
+        }
+        tracing::info!(pod_uid = %self.uid, %image, "pulling image");
+        match self
+            .ctx
+            .runtime
+            .pull_image(&image, None, Some(sandbox.clone()))
+            .await
+        {
+            Ok(r) => {
+                self.pulls.remove(&image);
+                tracing::info!(pod_uid = %self.uid, %image, image_ref = %r, "pulled image");
+                Ok(Some(r))
+            }
+            Err(e) => {
+                tracing::warn!(pod_uid = %self.uid, %image, "pulling image: {e}");
+                let b = self.pulls.entry(image.clone()).or_insert(RestartBackoff {
+                    delay: Duration::ZERO,
+                    last: now,
+                });
+                b.delay = (b.delay * 2).clamp(RESTART_BACKOFF_INITIAL, RESTART_BACKOFF_MAX);
+                b.last = now;
+                self.waiting.insert(
+                    c.name.clone(),
+                    Waiting {
+                        reason: "ErrImagePull".into(),
+                        message: e.to_string(),
+                    },
+                );
+                Ok(None)
+            }
+        }
+    }
+
+    /// Creates and starts one container in the current sandbox.
+    async fn start(
+        &mut self,
+        pod: &Pod,
+        c: &Container,
+        obs: &Runtime,
+        sandbox_config: &cri::PodSandboxConfig,
+        facts: &RuntimeFacts,
+    ) -> Result<(), PodError> {
+        let Some(sb) = obs.current() else {
+            return Ok(());
+        };
+        let Some(image_ref) = self.ensure_image(c, sandbox_config).await? else {
+            return Ok(());
+        };
+        let restart_count = obs.next_restart_count(&c.name);
+        let inputs = ContainerInputs {
+            restart_count,
+            image_ref,
+            memory_capacity: self.ctx.memory_capacity,
+            pods_dir: &self.ctx.pods_dir,
+            facts,
+        };
+        let mut config = match spec::container_config(pod, c, &inputs) {
+            Ok(cfg) => cfg,
+            Err(message) => {
+                self.waiting.insert(
+                    c.name.clone(),
+                    Waiting {
+                        reason: "CreateContainerConfigError".into(),
+                        message,
+                    },
+                );
+                return Ok(());
+            }
+        };
+        config
+            .labels
+            .insert(NODE_LABEL.into(), self.ctx.node_name.clone());
+        let rt = &self.ctx.runtime;
+        let id = rt
+            .create_container(&sb.id, config, sandbox_config.clone())
+            .await?;
+        rt.start_container(&id).await?;
+        self.waiting.remove(&c.name);
+        tracing::info!(pod = %spec::full_name(pod), container = %c.name, restart_count, container_id = %id, "started container");
+        // Keep the newest dead instance (lastState); remove older ones.
+        for old in obs.of(&c.name).iter().filter(|i| i.exited()).skip(1) {
+            if let Err(e) = rt.remove_container(&old.status.id).await {
+                tracing::debug!("removing an old container: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Restarts `c` unless it is in back-off; returns the time left when it is.
+    async fn restart(
+        &mut self,
+        pod: &Pod,
+        c: &Container,
+        obs: &Runtime,
+        sandbox_config: &cri::PodSandboxConfig,
+        facts: &RuntimeFacts,
+    ) -> Result<Option<Duration>, PodError> {
+        let now = Instant::now();
+        let ran = obs.of(&c.name).first().map(|i| {
+            Duration::from_nanos(
+                u64::try_from(i.status.finished_at.saturating_sub(i.status.started_at))
+                    .unwrap_or(0),
+            )
+        });
+        if ran.is_some_and(|r| r >= BACKOFF_RESET_AFTER) {
+            self.restarts.remove(&c.name);
+        }
+        if let Some(b) = self.restarts.get(&c.name)
+            && now < b.last + b.delay
+        {
+            let left = b.last + b.delay - now;
+            self.waiting.insert(
+                c.name.clone(),
+                Waiting {
+                    reason: "CrashLoopBackOff".into(),
+                    message: format!(
+                        "back-off {:?} restarting failed container={} pod={}_{}({})",
+                        b.delay,
+                        c.name,
+                        spec::ids(pod).0,
+                        spec::ids(pod).1,
+                        self.uid
+                    ),
+                },
+            );
+            return Ok(Some(left));
+        }
+        self.waiting.remove(&c.name);
+        self.start(pod, c, obs, sandbox_config, facts).await?;
+        let b = self
+            .restarts
+            .entry(c.name.clone())
+            .or_insert(RestartBackoff {
+                delay: Duration::ZERO,
+                last: now,
+            });
+        b.delay = (b.delay * 2).clamp(RESTART_BACKOFF_INITIAL, RESTART_BACKOFF_MAX);
+        b.last = now;
+        Ok(None)
+    }
+
+    /// One sync of a pod that should run.
+    async fn sync(&mut self, pod: &Pod, obs: &mut Runtime) -> Result<Next, PodError> {
+        let s = spec::spec(pod);
+        let restart_policy = s.restart_policy.clone().unwrap_or_else(|| "Always".into());
+        let ran_before = !obs.instances.is_empty();
+        if !obs.ready() {
+            if ran_before && restart_policy == "Never" {
+                // Upstream does not recreate the sandbox of a pod that ran with Never.
+                return Ok(Next::Events);
+            }
+            let attempt = obs
+                .current()
+                .and_then(|s| s.metadata.as_ref())
+                .map_or(0, |m| m.attempt + 1);
+            if !obs.sandboxes.is_empty() {
+                tracing::info!(pod = %spec::full_name(pod), "sandbox not ready: starting a new one");
+                self.kill(obs, spec::grace_period(pod), false).await?;
+            }
+            let config = self.sandbox_config(pod, attempt);
+            for dir in [PathBuf::from(&config.log_directory)].into_iter().chain(
+                s.volumes
+                    .iter()
+                    .flatten()
+                    .filter(|v| v.empty_dir.is_some())
+                    .filter_map(|v| spec::volume_host_path(&self.ctx.pods_dir, pod, &v.name)),
+            ) {
+                std::fs::create_dir_all(&dir).map_err(|source| PodError::Io {
+                    path: dir.clone(),
+                    source,
+                })?;
+            }
+            let id = self.ctx.runtime.run_pod_sandbox(config).await?;
+            tracing::info!(pod = %spec::full_name(pod), sandbox = %id, attempt, "sandbox running");
+            *obs = self.observe().await?;
+        }
+        let Some(sb) = obs.current() else {
+            return Ok(Next::Events);
+        };
+        let attempt = sb.metadata.as_ref().map_or(0, |m| m.attempt);
+        let sandbox_config = self.sandbox_config(pod, attempt);
+        let sandbox_status = self.ctx.runtime.pod_sandbox_status(&sb.id).await?;
+        let mut pod_ips = Vec::new();
+        if let Some(n) = &sandbox_status.network {
+            pod_ips.extend(Some(n.ip.clone()).filter(|i| !i.is_empty()));
+            pod_ips.extend(n.additional_ips.iter().map(|i| i.ip.clone()));
+        }
+        if spec::host_network(pod) {
+            pod_ips = vec![self.ctx.node_ip.clone()];
+        }
+        let facts = RuntimeFacts {
+            host_ip: self.ctx.node_ip.clone(),
+            pod_ips,
+            node_name: self.ctx.node_name.clone(),
+        };
+        for c in s.init_containers.iter().flatten() {
+            let latest = obs
+                .of(&c.name)
+                .first()
+                .map(|i| (i.state(), i.status.exit_code));
+            match latest {
+                None => {
+                    self.start(pod, c, obs, &sandbox_config, &facts).await?;
+                    return Ok(Next::Events);
+                }
+                Some((cri::ContainerState::ContainerExited, 0)) => continue,
+                Some((cri::ContainerState::ContainerExited, _)) => {
+                    if restart_policy == "Never" {
+                        return Ok(Next::Events);
+                    }
+                    return Ok(
+                        match self.restart(pod, c, obs, &sandbox_config, &facts).await? {
+                            Some(left) => Next::After(left),
+                            None => Next::Events,
+                        },
+                    );
+                }
+                Some((cri::ContainerState::ContainerCreated, _)) => {
+                    let id = obs.of(&c.name)[0].status.id.clone();
+                    self.ctx.runtime.start_container(&id).await?;
+                    return Ok(Next::Events);
+                }
+                Some(_) => return Ok(Next::Events),
+            }
+        }
+        let mut next = Next::Events;
+        for c in &s.containers {
+            let latest = obs
+                .of(&c.name)
+                .first()
+                .map(|i| (i.state(), i.status.exit_code));
+            match latest {
+                None => self.start(pod, c, obs, &sandbox_config, &facts).await?,
+                Some((cri::ContainerState::ContainerExited, code)) => {
+                    let again = match restart_policy.as_str() {
+                        "Always" => true,
+                        "OnFailure" => code != 0,
+                        _ => false,
+                    };
+                    if again
+                        && let Some(left) =
+                            self.restart(pod, c, obs, &sandbox_config, &facts).await?
+                    {
+                        next = match next {
+                            Next::After(d) if d < left => Next::After(d),
+                            _ => Next::After(left),
+                        };
+                    }
+                }
+                Some((cri::ContainerState::ContainerCreated, _)) => {
+                    let id = obs.of(&c.name)[0].status.id.clone();
+                    self.ctx.runtime.start_container(&id).await?;
+                }
+                Some((cri::ContainerState::ContainerRunning, _)) => {
+                    // The spec changed (the image, the only mutable field): replace it.
+                    let running = obs.of(&c.name)[0];
+                    let hash = running.status.annotations.get(spec::CONTAINER_HASH);
+                    if hash.is_some_and(|h| *h != spec::container_hash(c)) {
+                        let id = running.status.id.clone();
+                        tracing::info!(pod = %spec::full_name(pod), container = %c.name, "container spec changed: restarting it");
+                        self.ctx
+                            .runtime
+                            .stop_container(&id, spec::grace_period(pod))
+                            .await?;
+                        self.start(pod, c, obs, &sandbox_config, &facts).await?;
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        if self.waiting.values().any(|w| w.reason == "ErrImagePull") {
+            // ErrImagePull stays visible for a moment, then the wait shows as ImagePullBackOff.
+            next = Next::After(ERR_IMAGE_PULL_SHOWN);
+        } else if self
+            .waiting
+            .values()
+            .any(|w| w.reason == "ImagePullBackOff")
+        {
+            let soonest = self
+                .pulls
+                .values()
+                .map(|b| (b.last + b.delay).saturating_duration_since(Instant::now()))
+                .min()
+                .unwrap_or(RESTART_BACKOFF_INITIAL);
+            next = Next::After(soonest.max(Duration::from_millis(100)));
+        }
+        Ok(next)
+    }
+
+    async fn report(&mut self, d: &Desired, status: PodStatus) -> Result<(), PodError> {
+        let Some(client) = &self.ctx.client else {
+            return Ok(());
+        };
+        if self
+            .last_status
+            .as_ref()
+            .is_some_and(|l| status::same(l, &status))
+        {
+            return Ok(());
+        }
+        let (name, ns, uid) = spec::ids(&d.pod);
+        let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+        // A static pod's status goes to its mirror pod (same name, its own UID).
+        let patch = if d.source == Source::File {
+            json!({ "status": status })
+        } else {
+            json!({ "metadata": { "uid": uid }, "status": status })
+        };
+        match api
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                tracing::debug!(pod = %spec::full_name(&d.pod), phase = ?status.phase, "status patched");
+                self.last_status = Some(status);
+                Ok(())
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 && d.source == Source::File => Ok(()),
+            Err(source) => Err(PodError::Api {
+                what: "patching the pod status",
+                source,
+            }),
+        }
+    }
+
+    async fn admission_failure(
+        &mut self,
+        d: &Desired,
+        problems: Vec<String>,
+    ) -> Result<Action, PodError> {
+        let mut st = self.last_status.clone().unwrap_or_default();
+        st.phase = Some("Failed".into());
+        st.reason = Some("UnsupportedPodSpec".into());
+        st.message = Some(format!(
+            "Pod was rejected: deckhand-kubelet does not support: {}",
+            problems.join("; ")
+        ));
+        if self.last_status.as_ref().and_then(|s| s.reason.as_deref()) != Some("UnsupportedPodSpec")
+        {
+            tracing::warn!(pod = %spec::full_name(&d.pod), "pod rejected: {}", problems.join("; "));
+        }
+        self.report(d, st).await?;
+        Ok(Action::await_change())
+    }
+}
+
+impl Reconciler for PodWorker {
+    type Error = PodError;
+
+    fn name(&self) -> &'static str {
+        "pod"
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(600)
+    }
+
+    async fn reconcile(&mut self) -> Result<Action, PodError> {
+        if self.finished {
+            return Ok(Action::await_change());
+        }
+        let d = self.desired.borrow().clone();
+        if d.removed || d.pod.metadata.deletion_timestamp.is_some() {
+            return self.terminate(&d).await;
+        }
+        let pod = d.pod.clone();
+        if let Some(st) = &pod.status
+            && st.reason.as_deref() == Some("UnsupportedPodSpec")
+        {
+            return Ok(Action::await_change());
+        }
+        let problems = spec::unsupported(&pod);
+        if !problems.is_empty() {
+            return self.admission_failure(&d, problems).await;
+        }
+        if self.start_time.is_none() {
+            self.start_time = Some(Time(Timestamp::now()));
+        }
+        let mut obs = self.observe().await?;
+        // The status is reported also when a step failed (Pending, ContainerCreating), then
+        // the error goes to the back-off.
+        let terminal = matches!(self.phase.as_deref(), Some("Succeeded" | "Failed"));
+        let synced = if terminal {
+            Ok(Next::Events)
+        } else {
+            self.sync(&pod, &mut obs).await
+        };
+        let obs = self.observe().await?;
+        let sandbox_ready = obs.ready();
+        let mut by_name: HashMap<String, Vec<&Instance>> = HashMap::new();
+        if let Some(sb) = obs.current() {
+            for i in obs.instances.iter().filter(|i| i.sandbox_id == sb.id) {
+                by_name.entry(i.name().to_string()).or_default().push(i);
+            }
+        }
+        let mut pod_ips = Vec::new();
+        if let Some(sb) = obs.current()
+            && sandbox_ready
+            && let Ok(st) = self.ctx.runtime.pod_sandbox_status(&sb.id).await
+            && let Some(n) = st.network
+        {
+            pod_ips.extend(Some(n.ip).filter(|i| !i.is_empty()));
+            pod_ips.extend(n.additional_ips.into_iter().map(|i| i.ip));
+        }
+        let observed = Observed {
+            instances: by_name,
+            waiting: self.waiting.clone(),
+            pod_ips,
+            host_ip: self.ctx.node_ip.clone(),
+            runtime_name: self.runtime_name().await,
+            start_time: self.start_time.clone(),
+            sandbox_ready,
+        };
+        let status = status::pod_status(&pod, &observed, self.last_status.as_ref());
+        self.phase = status.phase.clone();
+        let done = matches!(self.phase.as_deref(), Some("Succeeded" | "Failed"));
+        self.report(&d, status).await?;
+        if done
+            && sandbox_ready
+            && let Some(sb) = obs.current()
+        {
+            // A pod that has finished keeps its containers (for status and logs) but not its
+            // sandbox, as upstream terminates finished pods.
+            tracing::info!(pod = %spec::full_name(&pod), phase = ?self.phase, "pod finished: stopping its sandbox");
+            self.ctx.runtime.stop_pod_sandbox(&sb.id).await?;
+        }
+        let next = synced?;
+        self.errors.reset();
+        Ok(match next {
+            Next::Events => Action::await_change(),
+            Next::After(d) => Action::requeue(d),
+        })
+    }
+
+    fn error_policy(&mut self, error: Option<&PodError>) -> Action {
+        if error.is_none() {
+            tracing::warn!(pod_uid = %self.uid, "pod sync timed out");
+        }
+        Action::requeue(self.errors.next_delay())
+    }
+}
+
+/// Removes the pod's cgroup (`parent`, below every mounted hierarchy); the runtime removes
+/// the containers' cgroups but not the parent the kubelet named.
+fn remove_pod_cgroups(parent: &str) {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let rel = parent.trim_start_matches('/');
+    for line in mountinfo.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
+        let fstype = fields.get(sep + 1).copied().unwrap_or_default();
+        if fstype != "cgroup" && fstype != "cgroup2" {
+            continue;
+        }
+        let Some(mount) = fields.get(4) else { continue };
+        let dir = std::path::Path::new(mount).join(rel);
+        if dir.is_dir()
+            && let Err(e) = std::fs::remove_dir(&dir)
+        {
+            tracing::debug!(dir = %dir.display(), "removing the pod cgroup: {e}");
+        }
+    }
+}
