@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Brings up a local Deckhand node from nothing and shows it working.
 #
-#   hack/run-node.sh [DIR]        start (idempotent), print what runs and how to reach it
-#   hack/run-node.sh stop [DIR]   stop everything this script started
+#   hack/run-node.sh [--apiserver] [DIR]   start (idempotent), print what runs and how to reach it
+#   hack/run-node.sh stop [DIR]            stop everything this script started, remove the pods
 #
-# DIR defaults to /tmp/dh-node. Today this starts the test bed Deckhand is built against — a
-# registry holding the project's images, containerd 1.6 + runc, and a 1.20 control plane — and
-# deckhand-kubelet, which registers the node "dh-node" with that control plane, holds its Lease
-# and reports its status, using containerd's CRI as its runtime until deckhand-cri serves the
-# RuntimeService. Once pods run, this script starts a static demo pod (standalone when no API
-# server is wanted, and with --apiserver against the local control plane).
+# DIR defaults to /tmp/dh-node. It starts the test bed Deckhand is built against (a registry
+# holding the project's images, containerd 1.6 + runc, a 1.20 control plane), then the node:
+# deckhand-cri (the built-in runtime, Deckhand's CNI plugins on the bridge dh-node0 with
+# 10.88.0.0/24) and deckhand-kubelet with a static-pod directory holding a demo pod (busybox
+# httpd). Standalone by default (no API server: static pods only); with --apiserver the kubelet
+# also registers the node "dh-node" with the local control plane, and the demo pod appears there
+# as a mirror pod. It waits for the demo pod and fetches its page from its pod IP.
 set -euo pipefail
 . "$(dirname "$0")/lib/common.sh"
 need_root
@@ -17,11 +18,24 @@ cd "$DH_ROOT"
 
 if [ "${1:-}" = stop ]; then
   DIR=${2:-/tmp/dh-node}
-  [ -d "$DIR" ] && dh_stop "$DIR" deckhand-kubelet
+  if [ -d "$DIR" ]; then
+    dh_stop "$DIR" deckhand-kubelet
+    # The runtime keeps pods across its own restarts by design: remove them before stopping it.
+    if dh_alive "$DIR" deckhand-cri; then
+      "$DH_ROOT/target/debug/deckhand-crictl" -r "unix://$DIR/cri/cri.sock" rmp --all || true
+    fi
+    dh_stop "$DIR" deckhand-cri
+    ip link del dh-node0 2>/dev/null || true
+    awk -v d="$DIR" 'index($5, d) == 1 {print $5}' /proc/self/mountinfo | sort -r | while read -r m; do
+      umount -l "$m" 2>/dev/null || true
+    done
+  fi
   "$DH_ROOT/hack/testbed.sh" down "$DIR"
   log "stopped; $DIR removed"
   exit 0
 fi
+APISERVER=0
+if [ "${1:-}" = --apiserver ]; then APISERVER=1; shift; fi
 DIR=${1:-/tmp/dh-node}
 
 "$DH_ROOT/hack/install-deps.sh"
@@ -35,30 +49,63 @@ set -a; . "$DIR/testbed.env"; set +a
 kubectl=("$DH_KUBECTL" --kubeconfig "$DH_KUBECONFIG")
 
 NODE=dh-node
-"$DH_ROOT/hack/testbed/controlplane.sh" node-credentials "$DIR" "$NODE" "$DIR/node" >/dev/null
-# A network for containerd's CRI (the reference bridge, on a bridge and subnet of our own), so
-# the runtime reports NetworkReady and the node becomes Ready.
-cat >"$DIR/containerd/cni/net.d/10-dh-node.conflist" <<CNI
-{ "cniVersion": "0.4.0", "name": "dh-node",
-  "plugins": [{ "type": "bridge", "bridge": "dh-node0", "isGateway": true, "ipMasq": false,
-                "ipam": { "type": "host-local", "ranges": [[{ "subnet": "10.88.0.0/24" }]],
-                          "dataDir": "$DIR/cni-ipam" } }] }
+CRI="$DIR/cri"
+mkdir -p "$CRI/net.d" "$DIR/manifests" "$DIR/node"
+cat >"$CRI/net.d/10-dh-node.conflist" <<CNI
+{ "cniVersion": "1.0.0", "name": "dh-node",
+  "plugins": [
+    { "type": "deckhand-bridge", "bridge": "dh-node0", "isGateway": true, "ipMasq": false,
+      "ipam": { "type": "deckhand-host-local", "ranges": [[{ "subnet": "10.88.0.0/24" }]],
+                "dataDir": "$CRI/ipam" } },
+    { "type": "deckhand-portmap", "capabilities": { "portMappings": true } } ] }
 CNI
+: >"$CRI/cri.toml"
+if ! dh_alive "$DIR" deckhand-cri; then
+  dh_start "$DIR" deckhand-cri "$DH_ROOT/target/debug/deckhand-cri" --config "$CRI/cri.toml" \
+    --socket "$CRI/cri.sock" --root "$CRI/root" --state-dir "$CRI/state" \
+    --cni-conf-dir "$CRI/net.d" --cni-bin-dir "$DH_ROOT/target/debug"
+fi
+dh_wait "$DIR" deckhand-cri 30 "its socket" test -S "$CRI/cri.sock"
+
+cat >"$DIR/manifests/demo.yaml" <<YAML
+apiVersion: v1
+kind: Pod
+metadata:
+  name: demo
+  namespace: default
+spec:
+  automountServiceAccountToken: false
+  terminationGracePeriodSeconds: 2
+  containers:
+  - name: web
+    image: $DH_REGISTRY/dh/httpd:latest
+    ports: [{ containerPort: 8080 }]
+YAML
 cat >"$DIR/node/kubelet.yaml" <<YAML
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 nodeStatusUpdateFrequency: 5s
+staticPodPath: $DIR/manifests
+podLogsDir: $DIR/pod-logs
 YAML
-if ! dh_alive "$DIR" deckhand-kubelet; then
-  dh_start "$DIR" deckhand-kubelet "$DH_ROOT/target/debug/deckhand-kubelet" \
-    --kubeconfig "$DIR/node/kubeconfig" --config "$DIR/node/kubelet.yaml" \
-    --hostname-override "$NODE" --node-ip 127.0.0.1 --root-dir "$DIR/kubelet" \
-    --container-runtime-endpoint "unix://$DH_CONTAINERD_SOCKET"
+kubelet_args=(--config "$DIR/node/kubelet.yaml" --hostname-override "$NODE" --node-ip 127.0.0.1
+  --root-dir "$DIR/kubelet" --container-runtime-endpoint "unix://$CRI/cri.sock")
+if [ "$APISERVER" = 1 ]; then
+  "$DH_ROOT/hack/testbed/controlplane.sh" node-credentials "$DIR" "$NODE" "$DIR/node" >/dev/null
+  kubelet_args+=(--kubeconfig "$DIR/node/kubeconfig")
 fi
+if ! dh_alive "$DIR" deckhand-kubelet; then
+  dh_start "$DIR" deckhand-kubelet "$DH_ROOT/target/debug/deckhand-kubelet" "${kubelet_args[@]}"
+fi
+crictl=("$DH_ROOT/target/debug/deckhand-crictl" -r "unix://$CRI/cri.sock")
+demo_ip() { "${crictl[@]}" pods | awk '$2 == "Ready" && $3 ~ /^demo-/ {print $5; exit}'; }
+demo_up() { ip=$(demo_ip) && [ -n "$ip" ] && "${crictl[@]}" ps | grep -q ' web '; }
+dh_wait "$DIR" deckhand-kubelet 90 "the demo pod running" demo_up
+DEMO_IP=$(demo_ip)
 node_ready() {
   "${kubectl[@]}" get node "$NODE" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' | grep -qx True
 }
-dh_wait "$DIR" deckhand-kubelet 60 "node $NODE Ready" node_ready
+[ "$APISERVER" = 1 ] && dh_wait "$DIR" deckhand-kubelet 60 "node $NODE Ready" node_ready
 
 echo
 echo "== Running (logs in $DIR/logs, PIDs in $DIR/pids)"
@@ -75,18 +122,27 @@ echo "== kube-apiserver $DH_APISERVER"
 "${kubectl[@]}" get --raw /readyz; echo
 "${kubectl[@]}" get namespaces
 echo
-echo "== deckhand-kubelet: node $NODE (log $DIR/logs/deckhand-kubelet.log)"
-"${kubectl[@]}" get nodes -o wide
-"${kubectl[@]}" get lease -n kube-node-lease "$NODE"
+echo "== deckhand-cri on $CRI/cri.sock (log $DIR/logs/deckhand-cri.log)"
+"${crictl[@]}" version
+"${crictl[@]}" pods
+"${crictl[@]}" ps
+echo
+echo "== The demo pod answers on its IP $DEMO_IP"
+curl -sf "http://$DEMO_IP:8080/"
+echo
+if [ "$APISERVER" = 1 ]; then
+  echo "== deckhand-kubelet: node $NODE (log $DIR/logs/deckhand-kubelet.log)"
+  "${kubectl[@]}" get nodes -o wide
+  "${kubectl[@]}" get pods -A -o wide
+else
+  echo "== deckhand-kubelet: standalone, static pods from $DIR/manifests (log $DIR/logs/deckhand-kubelet.log)"
+fi
 echo
 cat <<MSG
 == How to use it
-  export KUBECONFIG=$DH_KUBECONFIG
-  $DH_KUBECTL get pods -A
-  ctr --address $DH_CONTAINERD_SOCKET images pull --plain-http $DH_REGISTRY/dh/busybox:latest
-  curl http://$DH_REGISTRY/v2/dh/busybox/tags/list
+  $DH_ROOT/target/debug/deckhand-crictl -r unix://$CRI/cri.sock pods      # or ps, version
+  drop a pod manifest into $DIR/manifests (it runs; remove the file and it goes)
+  curl http://$DEMO_IP:8080/
+  export KUBECONFIG=$DH_KUBECONFIG; $DH_KUBECTL get pods -A   # with --apiserver
 Stop it with: hack/run-node.sh stop $DIR
-
-deckhand-kubelet registers and maintains the node; it does not run pods yet, and deckhand-cri does
-not serve the RuntimeService yet (see ARCHITECTURE.md and the issues).
 MSG

@@ -342,7 +342,14 @@ async fn pods_and_containers_end_to_end() -> Result<()> {
 
         let logs = node.dir.path.join("pods").join("p1");
         let cg = format!("/{}", unique_name("dh-pod"));
-        let sb = sandbox_config("dh-p1", &logs, &cg);
+        let mut sb = sandbox_config("dh-p1", &logs, &cg);
+        let host_port = 31000 + (std::process::id() % 2000) as i32;
+        sb.port_mappings = vec![cri::PortMapping {
+            protocol: cri::Protocol::Tcp as i32,
+            container_port: 8080,
+            host_port,
+            host_ip: String::new(),
+        }];
         let pod = rt
             .run_pod_sandbox(cri::RunPodSandboxRequest {
                 config: Some(sb.clone()),
@@ -501,9 +508,29 @@ async fn pods_and_containers_end_to_end() -> Result<()> {
         tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read_to_string(&mut s, &mut page)).await??;
         assert!(page.ends_with(HTTPD_INDEX_HTML), "{page}");
 
-        // The node reaches the pod on its IP.
+        // The node reaches the pod on its IP, and on the host port from 127.0.0.1.
         let page = http_get(&format!("{ip}:8080")).await?;
         assert!(page.ends_with(HTTPD_INDEX_HTML), "{page}");
+        let page = http_get(&format!("127.0.0.1:{host_port}")).await?;
+        assert!(page.ends_with(HTTPD_INDEX_HTML), "hostPort: {page}");
+
+        // Pod to pod on the bridge: a second pod fetches the first one's page.
+        let sb2 = sandbox_config("dh-p1b", &logs, &cg);
+        let pod2 = rt
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(sb2.clone()),
+                runtime_handler: String::new(),
+            })
+            .await?
+            .into_inner()
+            .pod_sandbox_id;
+        let client = run_container(&mut rt, &pod2, &sb2, container_config("client", &busybox, &["sleep", "1000"])).await?;
+        let (code, out, err) = exec(&mut rt, &client, &["wget", "-qO-", &format!("http://{ip}:8080/")]).await?;
+        assert_eq!((code, out.as_str()), (0, HTTPD_INDEX_HTML), "{err}");
+        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod2.clone(),
+        })
+        .await?;
 
         // The container runs in its cgroup below the pod's cgroup parent.
         let (_, out, _) = exec(&mut rt, &shell, &["cat", "/proc/self/cgroup"]).await?;
@@ -661,6 +688,10 @@ async fn pods_and_containers_end_to_end() -> Result<()> {
             .context("status")?;
         assert_eq!(pstatus.state, cri::PodSandboxState::SandboxNotready as i32);
         assert!(http_get(&format!("{ip}:8080")).await.is_err(), "the pod still answers");
+        assert!(
+            http_get(&format!("127.0.0.1:{host_port}")).await.is_err(),
+            "the host port still forwards"
+        );
         rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
             pod_sandbox_id: pod.clone(),
         })

@@ -163,6 +163,11 @@ impl Manager {
 
     /// Ok if the container runs (for Exec and Attach).
     pub fn container_running(&self, id: &str) -> Result<()> {
+        self.running(id).map(|_| ())
+    }
+
+    /// The container and its record, if it runs; FAILED_PRECONDITION otherwise.
+    pub(crate) fn running(&self, id: &str) -> Result<(Arc<Container>, ContainerRecord)> {
         let c = self.container(id)?;
         let rec = c.rec.lock().map_err(poisoned)?.clone();
         if state_of(&rec, c.exit.borrow().as_ref()) != cri::ContainerState::ContainerRunning {
@@ -171,7 +176,7 @@ impl Manager {
                 rec.id
             )));
         }
-        Ok(())
+        Ok((c, rec))
     }
 
     /// CreateContainer.
@@ -196,6 +201,12 @@ impl Manager {
         if md.name.is_empty() {
             return Err(Error::InvalidArgument(
                 "container metadata has no name".into(),
+            ));
+        }
+        if config.tty || config.stdin {
+            // The monitor does not hold a terminal or a stdin for attach yet.
+            return Err(Error::InvalidArgument(
+                "containers with tty or stdin (for attach) are not supported by the built-in runtime yet".into(),
             ));
         }
         let image_name = config
@@ -764,13 +775,7 @@ impl Manager {
         &self,
         filter: Option<cri::ContainerFilter>,
     ) -> Result<Vec<cri::Container>> {
-        let all: Vec<Arc<Container>> = self
-            .containers
-            .lock()
-            .map_err(poisoned)?
-            .values()
-            .cloned()
-            .collect();
+        let all = self.all_containers()?;
         let f = filter.unwrap_or_default();
         let mut out = Vec::new();
         for c in all {
@@ -865,14 +870,7 @@ impl Manager {
 
     /// ReopenContainerLog: the monitor reopens the log file (SIGUSR1) and recreates it.
     pub async fn reopen_container_log(&self, id: &str) -> Result<()> {
-        let c = self.container(id)?;
-        let rec = c.rec.lock().map_err(poisoned)?.clone();
-        if state_of(&rec, c.exit.borrow().as_ref()) != cri::ContainerState::ContainerRunning {
-            return Err(Error::FailedPrecondition(format!(
-                "container {} is not running",
-                rec.id
-            )));
-        }
+        let (_, rec) = self.running(id)?;
         if rec.log_path.as_os_str().is_empty() {
             return Ok(());
         }

@@ -10,8 +10,7 @@ use std::time::Duration;
 use deckhand_proto::cri;
 use tokio::io::{AsyncRead, AsyncReadExt as _};
 
-use super::container::state_of;
-use super::{Error, Manager, Result, new_id, poisoned};
+use super::{Error, Manager, Result, new_id};
 
 /// The cap on each captured stream.
 pub const MAX_OUTPUT: usize = 16 << 20;
@@ -55,14 +54,7 @@ impl Manager {
         if cmd.is_empty() {
             return Err(Error::InvalidArgument("exec needs a command".into()));
         }
-        let c = self.container(id)?;
-        let rec = c.rec.lock().map_err(poisoned)?.clone();
-        if state_of(&rec, c.exit.borrow().as_ref()) != cri::ContainerState::ContainerRunning {
-            return Err(Error::FailedPrecondition(format!(
-                "container {} is not running",
-                rec.id
-            )));
-        }
+        let (_, rec) = self.running(id)?;
         let spec: serde_json::Value = std::fs::read(rec.bundle.join("config.json"))
             .ok()
             .and_then(|d| serde_json::from_slice(&d).ok())

@@ -280,38 +280,35 @@ impl Manager {
     }
 
     pub(crate) fn sandbox(&self, id: &str) -> Result<Arc<Sandbox>> {
-        let map = self.sandboxes.lock().map_err(poisoned)?;
-        if let Some(s) = map.get(id) {
-            return Ok(s.clone());
-        }
-        // The CRI allows unique id prefixes, as crictl uses them.
-        let mut found = map
-            .iter()
-            .filter(|(k, _)| !id.is_empty() && k.starts_with(id));
-        match (found.next(), found.next()) {
-            (Some((_, s)), None) => Ok(s.clone()),
-            (Some(_), Some(_)) => Err(Error::InvalidArgument(format!(
-                "sandbox id prefix {id:?} is ambiguous"
-            ))),
-            _ => Err(Error::NotFound(format!("pod sandbox {id:?}"))),
-        }
+        lookup(
+            &*self.sandboxes.lock().map_err(poisoned)?,
+            id,
+            "pod sandbox",
+        )
     }
 
     pub(crate) fn container(&self, id: &str) -> Result<Arc<Container>> {
-        let map = self.containers.lock().map_err(poisoned)?;
-        if let Some(c) = map.get(id) {
-            return Ok(c.clone());
-        }
-        let mut found = map
-            .iter()
-            .filter(|(k, _)| !id.is_empty() && k.starts_with(id));
-        match (found.next(), found.next()) {
-            (Some((_, c)), None) => Ok(c.clone()),
-            (Some(_), Some(_)) => Err(Error::InvalidArgument(format!(
-                "container id prefix {id:?} is ambiguous"
-            ))),
-            _ => Err(Error::NotFound(format!("container {id:?}"))),
-        }
+        lookup(&*self.containers.lock().map_err(poisoned)?, id, "container")
+    }
+
+    pub(crate) fn all_sandboxes(&self) -> Result<Vec<Arc<Sandbox>>> {
+        Ok(self
+            .sandboxes
+            .lock()
+            .map_err(poisoned)?
+            .values()
+            .cloned()
+            .collect())
+    }
+
+    pub(crate) fn all_containers(&self) -> Result<Vec<Arc<Container>>> {
+        Ok(self
+            .containers
+            .lock()
+            .map_err(poisoned)?
+            .values()
+            .cloned()
+            .collect())
     }
 
     pub(crate) fn containers_of(&self, sandbox_id: &str) -> Vec<Arc<Container>> {
@@ -421,6 +418,23 @@ impl Manager {
             tracing::info!(pod_cidr = %cidr, "pod CIDR updated");
             *c = cidr;
         }
+    }
+}
+
+/// An entry by id, or by a unique id prefix (as crictl uses them).
+fn lookup<T>(map: &HashMap<String, Arc<T>>, id: &str, kind: &str) -> Result<Arc<T>> {
+    if let Some(v) = map.get(id) {
+        return Ok(v.clone());
+    }
+    let mut found = map
+        .iter()
+        .filter(|(k, _)| !id.is_empty() && k.starts_with(id));
+    match (found.next(), found.next()) {
+        (Some((_, v)), None) => Ok(v.clone()),
+        (Some(_), Some(_)) => Err(Error::InvalidArgument(format!(
+            "{kind} id prefix {id:?} is ambiguous"
+        ))),
+        _ => Err(Error::NotFound(format!("{kind} {id:?}"))),
     }
 }
 

@@ -479,13 +479,7 @@ impl Manager {
         &self,
         filter: Option<cri::PodSandboxFilter>,
     ) -> Result<Vec<cri::PodSandbox>> {
-        let all: Vec<Arc<Sandbox>> = self
-            .sandboxes
-            .lock()
-            .map_err(poisoned)?
-            .values()
-            .cloned()
-            .collect();
+        let all = self.all_sandboxes()?;
         let f = filter.unwrap_or_default();
         let mut out = Vec::new();
         for sb in all {

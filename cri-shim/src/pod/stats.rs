@@ -8,7 +8,7 @@ use std::sync::Arc;
 use deckhand_proto::cri;
 
 use super::container::state_of;
-use super::{Container, Manager, Result, Sandbox, now_ns, poisoned};
+use super::{Container, Manager, Result, Sandbox, now_ns};
 use crate::oci::cgroups;
 
 fn u(v: u64) -> Option<cri::UInt64Value> {
@@ -268,13 +268,7 @@ impl Manager {
         filter: Option<cri::PodSandboxStatsFilter>,
     ) -> Result<Vec<cri::PodSandboxStats>> {
         let f = filter.unwrap_or_default();
-        let all: Vec<Arc<Sandbox>> = self
-            .sandboxes
-            .lock()
-            .map_err(poisoned)?
-            .values()
-            .cloned()
-            .collect();
+        let all = self.all_sandboxes()?;
         Ok(all
             .iter()
             .filter(|sb| {
