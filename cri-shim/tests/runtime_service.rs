@@ -508,6 +508,85 @@ async fn pods_and_containers_end_to_end() -> Result<()> {
         tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read_to_string(&mut s, &mut page)).await??;
         assert!(page.ends_with(HTTPD_INDEX_HTML), "{page}");
 
+        // Attach, as crictl attach: a container reading its stdin, then one with a terminal.
+        let mut talk_cfg = container_config("talk", &busybox, &["sh", "-c", "read x; echo heard $x; echo to-err >&2"]);
+        talk_cfg.stdin = true;
+        talk_cfg.stdin_once = true;
+        let talk = run_container(&mut rt, &pod, &sb, talk_cfg).await?;
+        let url = rt
+            .attach(cri::AttachRequest {
+                container_id: talk.clone(),
+                stdin: true,
+                tty: false,
+                stdout: true,
+                stderr: true,
+            })
+            .await?
+            .into_inner()
+            .url;
+        let (out_w, mut out_r) = tokio::io::duplex(1 << 16);
+        let (err_w, mut err_r) = tokio::io::duplex(1 << 16);
+        deckhand_streaming::client::attach(
+            &url,
+            deckhand_streaming::client::ExecOptions {
+                stdin: Some(Box::new(std::io::Cursor::new(b"dh-words\n".to_vec()))),
+                stdout: Some(Box::new(out_w)),
+                stderr: Some(Box::new(err_w)),
+                tty: false,
+                resize: None,
+            },
+        )
+        .await?;
+        let (mut out, mut err) = (String::new(), String::new());
+        tokio::io::AsyncReadExt::read_to_string(&mut out_r, &mut out).await?;
+        tokio::io::AsyncReadExt::read_to_string(&mut err_r, &mut err).await?;
+        assert_eq!((out.as_str(), err.as_str()), ("heard dh-words\n", "to-err\n"));
+        let st = wait_exited(&mut rt, &talk, Duration::from_secs(10)).await?;
+        assert_eq!(st.exit_code, 0);
+        let mut tty_cfg = container_config("term", &busybox, &["sh"]);
+        tty_cfg.stdin = true;
+        tty_cfg.tty = true;
+        let term = run_container(&mut rt, &pod, &sb, tty_cfg).await?;
+        let url = rt
+            .attach(cri::AttachRequest {
+                container_id: term.clone(),
+                stdin: true,
+                tty: true,
+                stdout: true,
+                stderr: false,
+            })
+            .await?
+            .into_inner()
+            .url;
+        let (out_w, mut out_r) = tokio::io::duplex(1 << 16);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(deckhand_streaming::TerminalSize { width: 101, height: 31 }).await?;
+        let (mut in_w, in_r) = tokio::io::duplex(1 << 12);
+        let session = tokio::spawn(async move {
+            deckhand_streaming::client::attach(
+                &url,
+                deckhand_streaming::client::ExecOptions {
+                    stdin: Some(Box::new(in_r)),
+                    stdout: Some(Box::new(out_w)),
+                    stderr: None,
+                    tty: true,
+                    resize: Some(rx),
+                },
+            )
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::io::AsyncWriteExt::write_all(&mut in_w, b"echo dh$((6*7)); stty size; exit\n").await?;
+        tokio::time::timeout(Duration::from_secs(10), session).await???;
+        drop((tx, in_w));
+        let mut out = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut out_r, &mut out).await?;
+        assert!(out.contains("dh42") && out.contains("31 101"), "{out:?}");
+        let st = wait_exited(&mut rt, &term, Duration::from_secs(10)).await?;
+        assert_eq!(st.exit_code, 0);
+        let log = read_log(&logs.join("term/0.log"));
+        assert!(log.contains("dh42"), "the terminal's output is logged too: {log}");
+
         // The node reaches the pod on its IP, and on the host port from 127.0.0.1.
         let page = http_get(&format!("{ip}:8080")).await?;
         assert!(page.ends_with(HTTPD_INDEX_HTML), "{page}");

@@ -18,12 +18,10 @@
 #
 # It starts its own containerd (root, state, socket, config under /tmp/dh-bench-cri.*, CRI plugin
 # with restrict_oom_score_adj = true, the registry as plain HTTP through certs.d/hosts.toml, the
-# sandbox image dh/bench-pause:latest that this script pushes: busybox-static's `sleep`, as the
-# test registry has no pause image) and its own deckhand-cri (release). deckhand-cri is measured
-# only if it serves the RuntimeService (Version/Status through dh-cri-bench); otherwise the script
-# says so and measures containerd alone. Everything it creates is named dh* and removed on exit,
-# also when interrupted: pods, the bridge, iptables rules, cgroups, mounts, the pushed manifest,
-# the daemons (by PID).
+# test bed's sandbox image dh/pause:latest: busybox's `sleep`) and its own deckhand-cri (release).
+# deckhand-cri is measured only if it serves the RuntimeService (Version/Status through
+# dh-cri-bench); otherwise the script says so and measures containerd alone. Everything it creates is named dh* and removed on exit,
+# also when interrupted: pods, the bridge, iptables rules, cgroups, mounts, the daemons (by PID).
 #
 #   hack/testbed.sh up; hack/bench/cri.sh [N]     (default 30; needs the test bed's registry)
 #   DH_CRI_RUNTIME_FLAGS="--foo x" hack/bench/cri.sh   extra deckhand-cri flags (see below)
@@ -45,10 +43,9 @@ BRIDGE=dhbench0
 NET_NAME=dh-bench-cri
 CGROUP_PARENT=/dhbench
 IMAGE=$REG/dh/busybox:latest
-PAUSE_REPO=dh/bench-pause
-PAUSE_IMAGE=$REG/$PAUSE_REPO:latest
+PAUSE_IMAGE=$REG/dh/pause:latest
 WORKLOAD="sleep 3600"
-for t in containerd containerd-shim-runc-v2 runc ip iptables-save curl gzip tar sha256sum /bin/busybox; do
+for t in containerd containerd-shim-runc-v2 runc ip iptables-save; do
   command -v "$t" >/dev/null || { echo "cri.sh: $t missing (hack/install-deps.sh)" >&2; exit 1; }
 done
 for p in bridge host-local portmap loopback; do
@@ -72,7 +69,6 @@ D=$WORK/deckhand
 CTR_SOCK=$C/containerd.sock
 DH_SOCK=$D/cri.sock
 HOLD_PID=
-PAUSE_DIGEST=
 HAVE_DH=0
 mkdir -p "$C/cni/net.d" "$C/certs.d/$REG" "$C/logs" "$D/cni/net.d" "$D/logs"
 
@@ -126,7 +122,6 @@ cleanup() {
   for m in $(awk '$9 == "cgroup" || $9 == "cgroup2" {print $5}' /proc/self/mountinfo); do
     [ -d "$m$CGROUP_PARENT" ] && find "$m$CGROUP_PARENT" -depth -type d -exec rmdir {} + 2>/dev/null
   done
-  [ -n "$PAUSE_DIGEST" ] && curl -sf -X DELETE "http://$REG/v2/$PAUSE_REPO/manifests/$PAUSE_DIGEST" >/dev/null
   if [ -n "${DH_BENCH_LOG:-}" ]; then
     cp "$WORK/logs/containerd.log" /tmp/dh-bench-cri-containerd.log 2>/dev/null
     cp "$WORK/logs/deckhand-cri.log" /tmp/dh-bench-cri-deckhand.log 2>/dev/null
@@ -151,34 +146,6 @@ iptables_cleanup() {
     done
   done
 }
-
-# ---- the sandbox image for containerd: busybox's sleep as pause ----------------------------------
-push_blob() { # FILE DIGEST
-  if curl -sf -o /dev/null -I "http://$REG/v2/$PAUSE_REPO/blobs/$2"; then return 0; fi
-  local loc
-  loc=$(curl -sf -D - -o /dev/null -X POST "http://$REG/v2/$PAUSE_REPO/blobs/uploads/" |
-    tr -d '\r' | sed -n 's/^[Ll]ocation: //p')
-  case "$loc" in http*) ;; *) loc="http://$REG$loc" ;; esac
-  case "$loc" in *\?*) loc="$loc&digest=$2" ;; *) loc="$loc?digest=$2" ;; esac
-  curl -sf -o /dev/null -X PUT -H 'Content-Type: application/octet-stream' --data-binary "@$1" "$loc"
-}
-mkdir -p "$WORK/pause/bin"
-cp /bin/busybox "$WORK/pause/bin/busybox"
-tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner --format=posix \
-  --pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime -C "$WORK/pause" -cf "$WORK/pause.tar" .
-gzip -n -6 -c "$WORK/pause.tar" >"$WORK/pause.tar.gz"
-diff_id=sha256:$(sha256sum "$WORK/pause.tar" | cut -d' ' -f1)
-ldigest=sha256:$(sha256sum "$WORK/pause.tar.gz" | cut -d' ' -f1)
-push_blob "$WORK/pause.tar.gz" "$ldigest"
-printf '{"architecture":"amd64","os":"linux","config":{"Entrypoint":["/bin/busybox","sleep","2147483647"]},"rootfs":{"type":"layers","diff_ids":["%s"]}}' \
-  "$diff_id" >"$WORK/pause-config.json"
-cdigest=sha256:$(sha256sum "$WORK/pause-config.json" | cut -d' ' -f1)
-push_blob "$WORK/pause-config.json" "$cdigest"
-printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"%s","size":%s},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"%s","size":%s}]}' \
-  "$cdigest" "$(stat -c %s "$WORK/pause-config.json")" "$ldigest" "$(stat -c %s "$WORK/pause.tar.gz")" >"$WORK/pause-manifest.json"
-curl -sf -o /dev/null -X PUT -H 'Content-Type: application/vnd.oci.image.manifest.v1+json' \
-  --data-binary "@$WORK/pause-manifest.json" "http://$REG/v2/$PAUSE_REPO/manifests/latest"
-PAUSE_DIGEST=sha256:$(sha256sum "$WORK/pause-manifest.json" | cut -d' ' -f1)
 
 # ---- CNI: one conflist, one host-local data dir per runtime --------------------------------------
 conflist() { # DATADIR

@@ -28,7 +28,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::SystemTime;
 
-use deckhand_cri::oci::{self, CreateOptions, Runtime, crilog::LineWriter};
+use deckhand_cri::oci::{self, CreateOptions, Runtime, attach, crilog::LineWriter};
 
 struct Args {
     root: PathBuf,
@@ -38,11 +38,15 @@ struct Args {
     exit_file: Option<PathBuf>,
     pid_file: Option<PathBuf>,
     report: bool,
+    attach_socket: Option<PathBuf>,
+    stdin: bool,
+    stdin_once: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     let mut report = false;
+    let (mut attach_socket, mut stdin, mut stdin_once) = (None, false, false);
     let (mut root, mut bundle, mut id, mut log_path, mut exit_file, mut pid_file) = (
         PathBuf::from(oci::DEFAULT_ROOT),
         None,
@@ -69,8 +73,11 @@ fn parse_args() -> Result<Args, String> {
             "--exit-file" => exit_file = Some(PathBuf::from(val()?)),
             "--pid-file" => pid_file = Some(PathBuf::from(val()?)),
             "--report" => report = true,
+            "--attach-socket" => attach_socket = Some(PathBuf::from(val()?)),
+            "--stdin" => stdin = true,
+            "--stdin-once" => stdin_once = true,
             "--help" | "-h" => {
-                return Err("usage: deckhand-monitor --root DIR --bundle DIR --id ID --log-path FILE [--exit-file FILE] [--pid-file FILE] [--report] | --hold-pidns".into());
+                return Err("usage: deckhand-monitor --root DIR --bundle DIR --id ID --log-path FILE [--exit-file FILE] [--pid-file FILE] [--report] [--attach-socket PATH [--stdin [--stdin-once]]] | --hold-pidns".into());
             }
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -83,6 +90,9 @@ fn parse_args() -> Result<Args, String> {
         exit_file,
         pid_file,
         report,
+        attach_socket,
+        stdin,
+        stdin_once,
     })
 }
 
@@ -177,18 +187,70 @@ fn run() -> Result<(), String> {
         .open(&args.log_path)
         .map_err(|e| format!("opening {}: {e}", args.log_path.display()))?;
     let null = File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+    let terminal = std::fs::read(args.bundle.join("config.json"))
+        .ok()
+        .and_then(|d| serde_json::from_slice::<serde_json::Value>(&d).ok())
+        .and_then(|v| v["process"]["terminal"].as_bool())
+        .unwrap_or(false);
+    let mut hub = attach::Hub {
+        stdin_once: args.stdin_once,
+        ..Default::default()
+    };
+    if let Some(p) = &args.attach_socket {
+        hub.listener = Some(
+            attach::listen(p, libc::SOCK_SEQPACKET)
+                .map_err(|e| format!("attach socket {}: {e}", p.display()))?,
+        );
+    }
+    // A terminal's master comes back over a console socket of our own, next to the attach one.
+    let console = match (&args.attach_socket, terminal) {
+        (Some(p), true) => {
+            let c = p.with_extension("con");
+            let l = attach::listen(&c, libc::SOCK_STREAM)
+                .map_err(|e| format!("console socket {}: {e}", c.display()))?;
+            Some((c, l))
+        }
+        (None, true) => return Err("a terminal needs --attach-socket".into()),
+        _ => None,
+    };
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
+    let stdin_pipe = if args.stdin && !terminal {
+        let (r, w) = pipe()?;
+        attach::set_nonblocking(w.as_raw_fd()).map_err(|e| format!("stdin pipe: {e}"))?;
+        hub.stdin = Some(w);
+        Some(r)
+    } else {
+        None
+    };
     let rt = Runtime::new(&args.root);
     let opts = CreateOptions {
         pid_file: args.pid_file.clone(),
-        stdio: Some([null.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()]),
-        console_socket: None,
+        stdio: Some([
+            stdin_pipe
+                .as_ref()
+                .map_or(null.as_raw_fd(), |r| r.as_raw_fd()),
+            out_w.as_raw_fd(),
+            err_w.as_raw_fd(),
+        ]),
+        console_socket: console.as_ref().map(|(p, _)| p.clone()),
     };
     let created = rt
         .create(&args.id, &args.bundle, &opts)
         .map_err(|e| e.to_string())?;
-    drop((out_w, err_w, null));
+    drop((out_w, err_w, null, stdin_pipe));
+    // The terminal: output and input go through the master.
+    let mut out_fd = out_r;
+    if let Some((path, l)) = console {
+        let master = receive_master(&l).map_err(|e| format!("receiving the terminal: {e}"));
+        let _ = std::fs::remove_file(&path);
+        let master = master?;
+        hub.tty = Some(master.as_raw_fd());
+        if args.stdin {
+            hub.stdin = Some(master.try_clone().map_err(|e| format!("terminal: {e}"))?);
+        }
+        out_fd = master;
+    }
     for w in &created.warnings {
         eprintln!("deckhand-monitor: warning: {w}");
     }
@@ -217,10 +279,18 @@ fn run() -> Result<(), String> {
     let code = supervise(
         created.pid,
         sfd,
-        [out_r.as_raw_fd(), err_r.as_raw_fd()],
+        [
+            out_fd.as_raw_fd(),
+            if terminal { -1 } else { err_r.as_raw_fd() },
+        ],
         &mut log,
         &args.log_path,
+        &mut hub,
     )?;
+    hub.clients.clear();
+    if let Some(p) = &args.attach_socket {
+        let _ = std::fs::remove_file(p);
+    }
     // Read before anything destroys the cgroup (the counter lives in it).
     let oom = rt
         .cgroup(&args.id)
@@ -235,6 +305,30 @@ fn run() -> Result<(), String> {
     oci::state::write_atomic(&exit_file, rec.as_bytes()).map_err(|e| e.to_string())
 }
 
+/// Accepts the runtime's connection on the console socket and receives the terminal master.
+fn receive_master(l: &OwnedFd) -> std::io::Result<OwnedFd> {
+    // The init connected and sent the master before it reported `created`: accept at once,
+    // waiting a little in case it is still in flight.
+    for _ in 0..500 {
+        // SAFETY: plain syscall; no address wanted.
+        let fd = unsafe {
+            libc::accept4(
+                l.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd >= 0 {
+            // SAFETY: a fresh descriptor we own.
+            let conn = unsafe { OwnedFd::from_raw_fd(fd) };
+            return oci::tty::recv_fd(conn.as_raw_fd());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    Err(std::io::Error::other("the runtime never connected"))
+}
+
 /// Copies the two streams into the log until the init has exited and the pipes are drained;
 /// returns the init's exit code (128 + signal when killed).
 fn supervise(
@@ -243,13 +337,15 @@ fn supervise(
     fds: [RawFd; 2],
     log: &mut File,
     log_path: &std::path::Path,
+    hub: &mut attach::Hub,
 ) -> Result<i32, String> {
     let mut writers = [LineWriter::new("stdout"), LineWriter::new("stderr")];
-    let mut open = [true, true];
+    let mut open = [fds[0] >= 0, fds[1] >= 0];
+    let mut cbuf = vec![0u8; attach::MAX_FRAME];
     let mut code = None;
     let mut buf = vec![0u8; 32 * 1024];
     loop {
-        let mut pfds = [
+        let mut pfds = vec![
             libc::pollfd {
                 fd: if open[0] { fds[0] } else { -1 },
                 events: libc::POLLIN,
@@ -265,11 +361,23 @@ fn supervise(
                 events: libc::POLLIN,
                 revents: 0,
             },
+            libc::pollfd {
+                fd: hub.listener.as_ref().map_or(-1, |l| l.as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
+        for c in &hub.clients {
+            pfds.push(libc::pollfd {
+                fd: c.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
         // Once the init is gone, only drain what is already there.
         let timeout = if code.is_some() { 0 } else { -1 };
         // SAFETY: valid array.
-        let n = unsafe { libc::poll(pfds.as_mut_ptr(), 3, timeout) };
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout) };
         if n < 0 {
             if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
                 continue;
@@ -286,7 +394,14 @@ fn supervise(
                     writers[i]
                         .feed(log, &buf[..r as usize], SystemTime::now())
                         .map_err(|e| format!("writing log: {e}"))?;
+                    let kind = if i == 0 {
+                        attach::STDOUT
+                    } else {
+                        attach::STDERR
+                    };
+                    hub.broadcast(kind, &buf[..r as usize]);
                 } else if r == 0
+                    // A terminal master reads EIO once the last slave is closed.
                     || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR)
                 {
                     open[i] = false;
@@ -295,6 +410,18 @@ fn supervise(
                         .map_err(|e| format!("writing log: {e}"))?;
                 }
             }
+        }
+        if pfds[3].revents != 0 {
+            hub.accept();
+        }
+        let mut gone = Vec::new();
+        for (k, p) in pfds[4..].iter().enumerate() {
+            if p.revents != 0 && !hub.client_input(k, &mut cbuf) {
+                gone.push(k);
+            }
+        }
+        for k in gone.into_iter().rev() {
+            hub.clients.remove(k);
         }
         if pfds[2].revents != 0 {
             let mut si = [0u8; 128];

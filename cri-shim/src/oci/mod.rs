@@ -30,6 +30,7 @@
 //! This module keeps a narrow boundary (only `oci-spec`, `caps`, `seccompiler`, `syscalls`,
 //! `nix`, `libc`, `serde` and `thiserror`) so it can become its own crate.
 
+pub mod attach;
 pub mod cgroups;
 mod container;
 pub mod crilog;

@@ -161,6 +161,14 @@ impl Manager {
         });
     }
 
+    /// The monitor's attach socket of a container (short: `sun_path` has 108 bytes).
+    pub(crate) fn attach_socket(&self, id: &str) -> PathBuf {
+        self.cfg
+            .state_dir
+            .join("attach")
+            .join(&id[..id.len().min(32)])
+    }
+
     /// Ok if the container runs (for Exec and Attach).
     pub fn container_running(&self, id: &str) -> Result<()> {
         self.running(id).map(|_| ())
@@ -201,12 +209,6 @@ impl Manager {
         if md.name.is_empty() {
             return Err(Error::InvalidArgument(
                 "container metadata has no name".into(),
-            ));
-        }
-        if config.tty || config.stdin {
-            // The monitor does not hold a terminal or a stdin for attach yet.
-            return Err(Error::InvalidArgument(
-                "containers with tty or stdin (for attach) are not supported by the built-in runtime yet".into(),
             ));
         }
         let image_name = config
@@ -468,7 +470,20 @@ impl Manager {
             rec.log_path.clone()
         };
         let mut cmd = tokio::process::Command::new(&self.cfg.monitor_bin);
-        cmd.arg("--root")
+        let attach = self.attach_socket(&rec.id);
+        if let Some(d) = attach.parent() {
+            std::fs::create_dir_all(d).map_err(|e| Error::internal(d.display(), e))?;
+        }
+        let config = rec.config();
+        if config.stdin {
+            cmd.arg("--stdin");
+            if config.stdin_once {
+                cmd.arg("--stdin-once");
+            }
+        }
+        cmd.arg("--attach-socket")
+            .arg(&attach)
+            .arg("--root")
             .arg(self.cfg.runc_root())
             .arg("--bundle")
             .arg(&rec.bundle)

@@ -2,9 +2,8 @@
 //! `deckhand-runc exec` with pipes, or with a terminal whose master comes back over a console
 //! socket (resized with `TIOCSWINSZ`); PortForward connects to the port on the pod's loopback
 //! through a socket created inside the pod's network namespace.
-//!
-//! Attach is not implemented yet: it needs the monitor to share the container's stdio with
-//! attached clients; the CRI Attach call answers UNIMPLEMENTED until then.
+//! Attach connects to the container's monitor ([`crate::oci::attach`]): output frames go to the
+//! client's stdout/stderr, its stdin and resizes go back as frames.
 
 use std::os::fd::{AsRawFd as _, OwnedFd};
 use std::process::Stdio;
@@ -192,6 +191,102 @@ impl Manager {
         Ok(status.code().unwrap_or(255))
     }
 
+    /// Attach: the monitor's frames to and from the client until the container exits.
+    pub async fn attach_streams(&self, id: &str, _tty: bool, io: Streams) -> Result<(), Error> {
+        use crate::oci::attach;
+        let (_, rec) = self.running(id)?;
+        let path = self.attach_socket(&rec.id);
+        let fd = attach::connect(&path)
+            .map_err(|e| Error::internal(format!("attach socket {}", path.display()), e))?;
+        // SAFETY: the OwnedFd moved in stays open, and the same, for the AsyncFd's lifetime.
+        let afd = Arc::new(
+            unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(
+                    fd,
+                    tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE,
+                )
+            }
+            .map_err(|e| Error::internal("attach socket", e.into_parts().1))?,
+        );
+        let send = |afd: Arc<tokio::io::unix::AsyncFd<OwnedFd>>, kind: u8, data: Vec<u8>| async move {
+            loop {
+                let mut g = afd.writable().await?;
+                match g.try_io(|f| attach::send(f.get_ref().as_raw_fd(), kind, &data)) {
+                    Ok(r) => return r,
+                    Err(_would_block) => continue,
+                }
+            }
+        };
+        let mut tasks = Vec::new();
+        if let Some(mut stdin) = io.stdin {
+            let a = afd.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut buf = vec![0u8; attach::MAX_FRAME - 1];
+                loop {
+                    match stdin.read(&mut buf).await {
+                        Ok(0) | Err(_) => {
+                            let _ = send(a.clone(), attach::STDIN, Vec::new()).await;
+                            return;
+                        }
+                        Ok(n) => {
+                            if send(a.clone(), attach::STDIN, buf[..n].to_vec())
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+        if let Some(mut rx) = io.resize {
+            let a = afd.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Some(s) = rx.recv().await {
+                    let mut d = s.width.to_le_bytes().to_vec();
+                    d.extend_from_slice(&s.height.to_le_bytes());
+                    if send(a.clone(), attach::RESIZE, d).await.is_err() {
+                        return;
+                    }
+                }
+            }));
+        }
+        let (mut out, mut err) = (io.stdout, io.stderr);
+        let mut buf = vec![0u8; attach::MAX_FRAME];
+        loop {
+            let mut g = afd
+                .readable()
+                .await
+                .map_err(|e| Error::internal("attach socket", e))?;
+            let n = match g.try_io(|f| attach::recv(f.get_ref().as_raw_fd(), &mut buf)) {
+                Ok(Ok(n)) => n,
+                Ok(Err(_)) => 0,
+                Err(_would_block) => continue,
+            };
+            if n == 0 {
+                break;
+            }
+            let w = match buf[0] {
+                attach::STDOUT => out.as_mut(),
+                attach::STDERR => err.as_mut(),
+                _ => None,
+            };
+            if let Some(w) = w
+                && (w.write_all(&buf[1..n]).await.is_err() || w.flush().await.is_err())
+            {
+                break;
+            }
+        }
+        for t in tasks {
+            t.abort();
+        }
+        for w in [out.as_mut(), err.as_mut()].into_iter().flatten() {
+            let _ = w.shutdown().await;
+        }
+        Ok(())
+    }
+
     /// PortForward: a TCP connection to `port` on the pod's loopback.
     pub async fn port_forward_stream(
         &self,
@@ -244,13 +339,14 @@ impl deckhand_streaming::Runtime for StreamRuntime {
     fn attach<'a>(
         &'a self,
         container_id: &'a str,
-        _tty: bool,
-        _io: Streams,
+        tty: bool,
+        io: Streams,
     ) -> BoxFuture<'a, Result<(), RuntimeError>> {
         Box::pin(async move {
-            Err(RuntimeError::Other(format!(
-                "attach to {container_id}: not supported by the built-in runtime yet"
-            )))
+            self.0
+                .attach_streams(container_id, tty, io)
+                .await
+                .map_err(rt_err)
         })
     }
 

@@ -1,5 +1,5 @@
 //! The CRI `RuntimeService` over a [`pod::Manager`]: request validation and the mapping of
-//! its errors to gRPC codes; the logic is the manager's. Exec and PortForward hand out URLs
+//! its errors to gRPC codes; the logic is the manager's. Exec, Attach and PortForward hand out URLs
 //! of the streaming server (`deckhand-streaming`) when one is configured.
 
 use std::pin::Pin;
@@ -11,9 +11,10 @@ use tonic::{Request, Response, Status};
 
 use crate::pod::{self, Error};
 
-/// The streaming endpoints (Exec, PortForward): URLs for a request.
+/// The streaming endpoints (Exec, Attach, PortForward): URLs for a request.
 pub trait Streaming: Send + Sync + 'static {
     fn exec_url(&self, req: &cri::ExecRequest) -> Result<String, Status>;
+    fn attach_url(&self, req: &cri::AttachRequest) -> Result<String, Status>;
     fn port_forward_url(&self, req: &cri::PortForwardRequest) -> Result<String, Status>;
 }
 
@@ -30,6 +31,10 @@ fn request_status(e: deckhand_streaming::RequestError) -> Status {
 impl Streaming for deckhand_streaming::Server {
     fn exec_url(&self, req: &cri::ExecRequest) -> Result<String, Status> {
         self.get_exec(req).map(|r| r.url).map_err(request_status)
+    }
+
+    fn attach_url(&self, req: &cri::AttachRequest) -> Result<String, Status> {
+        self.get_attach(req).map(|r| r.url).map_err(request_status)
     }
 
     fn port_forward_url(&self, req: &cri::PortForwardRequest) -> Result<String, Status> {
@@ -272,10 +277,8 @@ impl cri::runtime_service_server::RuntimeService for RuntimeService {
     async fn attach(&self, req: Request<cri::AttachRequest>) -> R<cri::AttachResponse> {
         let r = req.into_inner();
         self.m.container_running(&r.container_id).map_err(status)?;
-        // The monitor does not share the container's stdio with attached clients yet.
-        Err(Status::unimplemented(
-            "attach is not supported by the built-in runtime yet (use exec, or the logs)",
-        ))
+        let url = self.streaming()?.attach_url(&r)?;
+        ok(cri::AttachResponse { url })
     }
 
     async fn port_forward(
