@@ -302,6 +302,39 @@ async fn wait_log(p: &Path, needle: &str) -> Result<String> {
     }
 }
 
+/// One streaming session against an Exec or Attach URL, as crictl runs it: `input` on stdin
+/// (none: no stdin), stderr unless `tty`, an initial terminal size; (exit code, stdout, stderr).
+async fn session(
+    url: &str,
+    input: Option<&[u8]>,
+    tty: bool,
+    size: Option<deckhand_streaming::TerminalSize>,
+) -> Result<(i32, String, String)> {
+    let (out_w, mut out_r) = tokio::io::duplex(1 << 16);
+    let (err_w, mut err_r) = tokio::io::duplex(1 << 16);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    if let Some(sz) = size {
+        tx.send(sz).await?;
+    }
+    let st = deckhand_streaming::client::exec(
+        url,
+        deckhand_streaming::client::ExecOptions {
+            stdin: input.map(|i| Box::new(std::io::Cursor::new(i.to_vec())) as Box<_>),
+            stdout: Some(Box::new(out_w)),
+            stderr: (!tty).then(|| Box::new(err_w) as Box<_>),
+            tty,
+            resize: size.map(|_| rx),
+        },
+    )
+    .await?;
+    let (mut out, mut err) = (String::new(), String::new());
+    tokio::io::AsyncReadExt::read_to_string(&mut out_r, &mut out).await?;
+    if !tty {
+        tokio::io::AsyncReadExt::read_to_string(&mut err_r, &mut err).await?;
+    }
+    Ok((st.code, out, err))
+}
+
 /// An HTTP GET from the host to `addr` (a pod IP inside our own bridge's subnet).
 async fn http_get(addr: &str) -> Result<String> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -444,23 +477,8 @@ async fn pods_and_containers_end_to_end() -> Result<()> {
             .into_inner()
             .url;
         assert!(url.starts_with("http://127.0.0.1:"), "{url}");
-        let (out_w, mut out_r) = tokio::io::duplex(1 << 16);
-        let (err_w, mut err_r) = tokio::io::duplex(1 << 16);
-        let st = deckhand_streaming::client::exec(
-            &url,
-            deckhand_streaming::client::ExecOptions {
-                stdin: Some(Box::new(std::io::Cursor::new(b"dh-input\n".to_vec()))),
-                stdout: Some(Box::new(out_w)),
-                stderr: Some(Box::new(err_w)),
-                tty: false,
-                resize: None,
-            },
-        )
-        .await?;
-        assert_eq!(st.code, 4);
-        let (mut out, mut err) = (String::new(), String::new());
-        tokio::io::AsyncReadExt::read_to_string(&mut out_r, &mut out).await?;
-        tokio::io::AsyncReadExt::read_to_string(&mut err_r, &mut err).await?;
+        let (code, out, err) = session(&url, Some(b"dh-input\n"), false, None).await?;
+        assert_eq!(code, 4);
         assert_eq!((out.as_str(), err.as_str()), ("got dh-input\n", "to-err\n"));
         // With a terminal: the size the client sets is the terminal's.
         let url = rt
@@ -475,24 +493,9 @@ async fn pods_and_containers_end_to_end() -> Result<()> {
             .await?
             .into_inner()
             .url;
-        let (out_w, mut out_r) = tokio::io::duplex(1 << 16);
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tx.send(deckhand_streaming::TerminalSize { width: 123, height: 45 }).await?;
-        let st = deckhand_streaming::client::exec(
-            &url,
-            deckhand_streaming::client::ExecOptions {
-                stdin: None,
-                stdout: Some(Box::new(out_w)),
-                stderr: None,
-                tty: true,
-                resize: Some(rx),
-            },
-        )
-        .await?;
-        drop(tx);
-        assert_eq!(st.code, 0);
-        let mut out = String::new();
-        tokio::io::AsyncReadExt::read_to_string(&mut out_r, &mut out).await?;
+        let size = deckhand_streaming::TerminalSize { width: 123, height: 45 };
+        let (code, out, _) = session(&url, None, true, Some(size)).await?;
+        assert_eq!(code, 0);
         assert!(out.contains("45 123") && out.contains("/dev/pts/"), "{out:?}");
         let url = rt
             .port_forward(cri::PortForwardRequest {
@@ -524,22 +527,7 @@ async fn pods_and_containers_end_to_end() -> Result<()> {
             .await?
             .into_inner()
             .url;
-        let (out_w, mut out_r) = tokio::io::duplex(1 << 16);
-        let (err_w, mut err_r) = tokio::io::duplex(1 << 16);
-        deckhand_streaming::client::attach(
-            &url,
-            deckhand_streaming::client::ExecOptions {
-                stdin: Some(Box::new(std::io::Cursor::new(b"dh-words\n".to_vec()))),
-                stdout: Some(Box::new(out_w)),
-                stderr: Some(Box::new(err_w)),
-                tty: false,
-                resize: None,
-            },
-        )
-        .await?;
-        let (mut out, mut err) = (String::new(), String::new());
-        tokio::io::AsyncReadExt::read_to_string(&mut out_r, &mut out).await?;
-        tokio::io::AsyncReadExt::read_to_string(&mut err_r, &mut err).await?;
+        let (_, out, err) = session(&url, Some(b"dh-words\n"), false, None).await?;
         assert_eq!((out.as_str(), err.as_str()), ("heard dh-words\n", "to-err\n"));
         let st = wait_exited(&mut rt, &talk, Duration::from_secs(10)).await?;
         assert_eq!(st.exit_code, 0);
