@@ -7,21 +7,7 @@ set -euo pipefail
 . "$(dirname "$0")/lib/common.sh"
 need_root
 
-SRC_LIST=/etc/apt/sources.list.d/deckhand-src.sources
-if ! apt-cache showsrc kubernetes >/dev/null 2>&1 || [ -z "$(apt-cache showsrc kubernetes 2>/dev/null)" ]; then
-  log "adding a deb-src line for Debian's source packages"
-  cat > "$SRC_LIST" <<SRC
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
-  apt-get update -qq
-fi
-
-VERSION=$(apt-cache showsrc kubernetes | awk '/^Version:/ {print $2; exit}')
-[ -n "$VERSION" ] || die "no source package 'kubernetes' found"
+VERSION=$(dh_kube_source_version)
 # RECIPE changes whenever this script builds differently, so stale binaries are never reused.
 RECIPE=2
 OUT="$DH_CACHE/kube-$VERSION-r$RECIPE"

@@ -13,20 +13,7 @@ need_root
 MAIN="$DH_ROOT/streaming/tests/interop/main.go"
 [ -f "$MAIN" ] || die "$MAIN not found"
 
-SRC_LIST=/etc/apt/sources.list.d/deckhand-src.sources
-if [ -z "$(apt-cache showsrc kubernetes 2>/dev/null)" ]; then
-  log "adding a deb-src line for Debian's source packages"
-  cat > "$SRC_LIST" <<SRC
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
-  apt-get update -qq
-fi
-VERSION=$(apt-cache showsrc kubernetes | awk '/^Version:/ {print $2; exit}')
-[ -n "$VERSION" ] || die "no source package 'kubernetes' found"
+VERSION=$(dh_kube_source_version)
 # RECIPE changes whenever this script builds differently.
 RECIPE=1
 KEY=$(cat "$0" "$MAIN" | sha256sum | cut -c1-12)

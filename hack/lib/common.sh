@@ -106,3 +106,24 @@ dh_stop() {
   done
   return 0
 }
+
+# Prints the version of Debian's source package `kubernetes`, first adding a deb-src line for
+# Debian's source packages if apt knows none (the kube build and the streaming interop helper
+# are both built from it).
+dh_kube_source_version() {
+  if [ -z "$(apt-cache showsrc kubernetes 2>/dev/null)" ]; then
+    log "adding a deb-src line for Debian's source packages"
+    cat > /etc/apt/sources.list.d/deckhand-src.sources <<SRC
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: bookworm
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    apt-get update -qq >&2
+  fi
+  local v
+  v=$(apt-cache showsrc kubernetes | awk '/^Version:/ {print $2; exit}')
+  [ -n "$v" ] || die "no source package 'kubernetes' found"
+  echo "$v"
+}
