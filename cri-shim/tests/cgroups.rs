@@ -611,6 +611,134 @@ fn memory_limits_can_be_raised_and_lowered() {
     }
 }
 
+/// `deckhand-runc`, next to this test binary in the VM (`/deckhand-runc`), else Cargo's.
+fn runc_bin() -> PathBuf {
+    let vm = Path::new("/deckhand-runc");
+    if vm.exists() {
+        return vm.to_path_buf();
+    }
+    PathBuf::from(env!("CARGO_BIN_EXE_deckhand-runc"))
+}
+
+/// Deletes the container (and so its cgroup) on drop.
+struct Container<'a> {
+    runc: &'a Path,
+    state: &'a Path,
+    id: String,
+}
+
+impl Drop for Container<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new(self.runc)
+            .arg("--root")
+            .arg(self.state)
+            .args(["delete", "--force", &self.id])
+            .status();
+    }
+}
+
+/// The runtime's init and an exec'd process start in the container's cgroup in every
+/// hierarchy: on cgroup2 through `clone3(CLONE_INTO_CGROUP)`, in v1 hierarchies by moving
+/// themselves (`tasks`), neither taking the kernel's global lock that moving another pid takes.
+#[test]
+fn runtime_init_and_exec_start_in_the_container_cgroup() {
+    let runc = runc_bin();
+    let tmp = tempfile::Builder::new()
+        .prefix("dh-rt-cg")
+        .tempdir()
+        .expect("tmp");
+    let rootfs = tmp.path().join("bundle/rootfs");
+    for d in ["bin", "proc", "dev", "tmp"] {
+        std::fs::create_dir_all(rootfs.join(d)).expect("mkdir");
+    }
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("busybox");
+    let path = unique();
+    let config = serde_json::json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "user": {"uid": 0, "gid": 0},
+            "args": ["/bin/busybox", "sleep", "60"],
+            "env": ["PATH=/bin"],
+            "cwd": "/"
+        },
+        "root": {"path": rootfs},
+        "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
+        "linux": {
+            "cgroupsPath": path,
+            "resources": {"pids": {"limit": 64}},
+            "namespaces": [{"type": "mount"}, {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}]
+        }
+    });
+    let bundle = tmp.path().join("bundle");
+    std::fs::write(bundle.join("config.json"), config.to_string()).expect("config");
+    let state = tmp.path().join("state");
+    let id = format!("dh-rt-cg-{}", std::process::id());
+    let runc_cmd = || {
+        let mut c = Command::new(&runc);
+        c.arg("--root").arg(&state);
+        c
+    };
+    let guard = Container {
+        runc: &runc,
+        state: &state,
+        id: id.clone(),
+    };
+    let st = runc_cmd()
+        .args(["create", "--bundle"])
+        .arg(&bundle)
+        .arg(&id)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .status()
+        .expect("create");
+    assert!(st.success(), "create failed");
+    assert!(
+        runc_cmd()
+            .args(["start", &id])
+            .status()
+            .expect("start")
+            .success()
+    );
+    let out = runc_cmd()
+        .args([
+            "exec",
+            &id,
+            "/bin/busybox",
+            "sh",
+            "-c",
+            "cat /proc/1/cgroup; echo ---; cat /proc/self/cgroup",
+        ])
+        .output()
+        .expect("exec");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "exec: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (init, exec) = text.split_once("---\n").expect("two parts");
+    let layout = Layout::detect().expect("layout");
+    for (who, lines) in [("init", init), ("exec", exec)] {
+        // One line per hierarchy: `id:controllers:path`; every one names our cgroup.
+        let paths: Vec<&str> = lines
+            .lines()
+            .filter_map(|l| l.splitn(3, ':').nth(2))
+            .collect();
+        assert!(!paths.is_empty(), "{who}: no cgroups in {lines:?}");
+        assert!(
+            paths.iter().all(|p| *p == path),
+            "{who} not in {path}: {lines}"
+        );
+        if layout.mode() != Mode::Unified {
+            assert!(paths.len() > 1, "{who}: only {lines:?}");
+        }
+    }
+    drop(guard);
+    let cg = Manager::new(&path).expect("manager");
+    assert!(!cg.exists(), "delete left the cgroup {path}");
+}
+
 /// Pure cgroup v2 for real: boots a Debian kernel with `cgroup_no_v1=all` in QEMU with this very
 /// test binary in an initramfs (with its shared libraries and busybox), mounts cgroup2 on
 /// /sys/fs/cgroup (every controller) and runs every other test of this file there.
@@ -662,19 +790,30 @@ fn pure_v2_in_a_vm() {
     };
     let me = std::env::current_exe().expect("exe");
     copy(&me, &root.join("cgroups-test"));
+    let runc = runc_bin();
+    copy(&runc, &root.join("deckhand-runc"));
     copy(Path::new("/bin/busybox"), &root.join("bin/busybox"));
-    let ldd = Command::new("ldd").arg(&me).output().expect("ldd");
-    for lib in String::from_utf8_lossy(&ldd.stdout)
-        .split_whitespace()
-        .filter(|w| w.starts_with('/'))
-    {
-        let lib = Path::new(lib);
-        copy(
-            &std::fs::canonicalize(lib).expect("lib"),
-            &root.join(lib.strip_prefix("/").expect("abs")),
-        );
+    for bin in [&me, &runc] {
+        let ldd = Command::new("ldd").arg(bin).output().expect("ldd");
+        for lib in String::from_utf8_lossy(&ldd.stdout)
+            .split_whitespace()
+            .filter(|w| w.starts_with('/'))
+        {
+            let lib = Path::new(lib);
+            copy(
+                &std::fs::canonicalize(lib).expect("lib"),
+                &root.join(lib.strip_prefix("/").expect("abs")),
+            );
+        }
     }
+    // First the init moves everything to a tmpfs and switch_roots there: a container's
+    // pivot_root cannot leave the initramfs.
     let init = "#!/bin/busybox sh\n\
+        if [ \"$DH_STAGE\" != 2 ]; then\n\
+          /bin/busybox mkdir /new; /bin/busybox mount -t tmpfs -o size=900m new /new\n\
+          for d in /*; do [ \"$d\" = /new ] || /bin/busybox cp -a \"$d\" /new/; done\n\
+          export DH_STAGE=2; exec /bin/busybox switch_root /new /init\n\
+        fi\n\
         /bin/busybox mkdir -p /usr/bin /sbin /usr/sbin\n\
         /bin/busybox --install -s\n\
         mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev; mount -t tmpfs tmp /tmp\n\
@@ -756,7 +895,7 @@ fn pure_v2_in_a_vm() {
         .lines()
         .filter(|l| l.starts_with("test ") && l.trim_end().ends_with("ok"))
         .count();
-    assert!(passed >= 12, "only {passed} tests passed in the VM:\n{out}");
+    assert!(passed >= 13, "only {passed} tests passed in the VM:\n{out}");
 }
 
 #[test]

@@ -2,7 +2,8 @@
 # Benchmarks deckhand-runc against Debian's runc in the same run: `run` (create + start + wait)
 # then `delete` of a /bin/true container from the same bundle (busybox-static rootfs, `runc spec`
 # config), N times per runtime, interleaved in ABBA batches. Prints median and p99 wall time per
-# run+delete and the ratio ours/runc. Release build. Removes everything it creates, also when
+# run+delete and the ratio ours/runc; then the peak memory charged to the container's cgroup
+# while it starts (create + start, high-water mark after exit). Release build. Removes everything it creates, also when
 # interrupted. Run as root:  hack/bench/runtime.sh [N]   (default 100)
 set -euo pipefail
 
@@ -69,9 +70,42 @@ stat() { # file -> "median p99" in ms
     printf "%.2f %.2f", m / 1e6, p / 1e6 }'
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }'; }
+# Peak memory charged to the container's cgroup while it starts: create + start of the same
+# /bin/true container with a cgroupsPath of its own, then the memory controller's high-water mark
+# (v1 memory.max_usage_in_bytes, v2 memory.peak) once it has exited, before delete.
+MB=$WORK/bundle-mem
+mkdir -p "$MB"
+sed -e 's/"linux": {/"linux": {"cgroupsPath": "\/dhbench-mem",/' \
+  -e "s|\"path\": \"rootfs\"|\"path\": \"$B/rootfs\"|" "$B/config.json" >"$MB/config.json"
+grep -q dhbench-mem "$MB/config.json" || { echo "runtime.sh: could not set cgroupsPath" >&2; exit 1; }
+if [ -d /sys/fs/cgroup/memory ]; then PEAK=/sys/fs/cgroup/memory/dhbench-mem/memory.max_usage_in_bytes
+else PEAK=/sys/fs/cgroup/dhbench-mem/memory.peak; fi
+mem_one() { # IMPL I: appends the peak bytes
+  local bin=$OURS; [ "$1" = ref ] && bin=$RUNC
+  local id=dhbench-mem-$1-$2 st
+  "$bin" --root "$WORK/root-$1" create --bundle "$MB" "$id" </dev/null >/dev/null 2>"$WORK/err" || {
+    echo "runtime.sh: $1 create failed: $(cat "$WORK/err")" >&2; return 1; }
+  "$bin" --root "$WORK/root-$1" start "$id"
+  for _ in $(seq 200); do
+    st=$("$bin" --root "$WORK/root-$1" state "$id" 2>/dev/null | tr -d ' \n')
+    case $st in *'"status":"stopped"'*) break ;; esac
+    sleep 0.01
+  done
+  cat "$PEAK" >>"$WORK/mem-$1" 2>/dev/null || echo "runtime.sh: no $PEAK" >&2
+  "$bin" --root "$WORK/root-$1" delete --force "$id" >/dev/null 2>&1 || true
+}
+for i in $(seq 1 10); do mem_one ours "$i"; mem_one ref "$i"; done
+kib() { sort -n "$1" | awk '{a[NR]=$1} END { printf "%.0f", a[int((NR + 1) / 2)] / 1024 }'; }
+
 read -r om op <<<"$(stat "$WORK/ours")"
 read -r rm rp <<<"$(stat "$WORK/ref")"
 printf '\n%s x (run + delete) of /bin/true, same bundle, ABBA order; ms\n\n' "$((2 * half))"
 printf '%-14s %10s %10s\n' runtime median p99
 printf '%-14s %10s %10s\n' deckhand-runc "$om" "$op" runc "$rm" "$rp"
 printf '%-14s %10s %10s\n' "ours/runc" "$(ratio "$om" "$rm")" "$(ratio "$op" "$rp")"
+if [ -s "$WORK/mem-ours" ] && [ -s "$WORK/mem-ref" ]; then
+  mo=$(kib "$WORK/mem-ours"); mr=$(kib "$WORK/mem-ref")
+  printf '\npeak memory charged to the container cgroup during start (median of 10); KiB\n\n'
+  printf '%-14s %10s\n' deckhand-runc "$mo" runc "$mr"
+  printf '%-14s %10s\n' "ours/runc" "$(ratio "$mo" "$mr")"
+fi

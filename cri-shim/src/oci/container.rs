@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -98,6 +98,58 @@ fn raw_clone(flags: libc::c_int) -> std::io::Result<i32> {
         )
     };
     super::cvt(r).map(|p| p as i32)
+}
+
+/// `clone3(2)` with `CLONE_INTO_CGROUP`: the child starts in the cgroup2 directory `cgroup`
+/// without the global lock a later move takes. Fork semantics, like [`raw_clone`].
+fn clone_into_cgroup(flags: libc::c_int, cgroup: BorrowedFd<'_>) -> std::io::Result<i32> {
+    /// `struct clone_args` (Linux 5.7, with `cgroup`).
+    #[repr(C)]
+    #[derive(Default)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+        cgroup: u64,
+    }
+    const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+    let args = CloneArgs {
+        flags: flags as u32 as u64 | CLONE_INTO_CGROUP,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: cgroup.as_raw_fd() as u64,
+        ..CloneArgs::default()
+    };
+    // SAFETY: as raw_clone (no CLONE_VM, no stack: fork semantics from a single-threaded
+    // caller); `args` is a valid clone_args of the size passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    super::cvt(r).map(|p| p as i32)
+}
+
+/// Clones the child, straight into the cgroup2 directory when there is one and the kernel can
+/// (Linux ≥ 5.7); otherwise a plain clone, and the child joins by itself. Returns the pid (0 in
+/// the child) and whether the child was cloned into the cgroup.
+fn spawn(flags: libc::c_int, cgroups: Option<&cgroups::SelfJoin>) -> Result<(i32, bool)> {
+    if let Some(fd) = cgroups.and_then(|j| j.unified_dir.as_ref()) {
+        // Any failure (an old kernel, a cgroup that refuses processes) falls back to the plain
+        // path, where the child's own write names the problem.
+        if let Ok(pid) = clone_into_cgroup(flags, fd.as_fd()) {
+            return Ok((pid, true));
+        }
+    }
+    Ok((raw_clone(flags).ctx(|| "clone")?, false))
 }
 
 fn open_ns(path: &Path) -> Result<OwnedFd> {
@@ -310,11 +362,21 @@ impl Runtime {
                 });
             }
         }
+        // The cgroup exists, with its limits, before the init does: the init moves itself in
+        // (see `cgroups::Manager::self_join`).
+        let cgroups_path = cgroups_path(&spec, id);
+        let cg = cgroups::Manager::new(&cgroups_path).map_err(|e| Error::Cgroups(e.to_string()))?;
+        let destroy_cg = |e: Error| {
+            let _ = cg.destroy(true);
+            e
+        };
+        let (mut cg_warnings, cg_join) = prepare_cgroups(&cg, &spec).map_err(destroy_cg)?;
         let args = init::Args {
             spec: &spec,
             process,
             bundle: &bundle,
             join,
+            cgroups: Some(&cg_join),
             unshare_cgroup,
             new_uts,
             stdio: opts.stdio,
@@ -324,20 +386,26 @@ impl Runtime {
                 rootfs: rootfs.clone(),
             },
         };
-        let pid = raw_clone(clone_flags).ctx(|| "clone")?;
+        let (pid, cloned_into) = spawn(clone_flags, Some(&cg_join)).map_err(destroy_cg)?;
         if pid == 0 {
             drop(parent_sock);
-            init::child_main(&args, &child_sock);
+            init::child_main(&args, &child_sock, cloned_into);
         }
         drop(child_sock);
         drop(args);
-        // From here on a failure must also kill the child.
-        let kill_child = |e: Error| {
+        drop(cg_join);
+        // From here on a failure must also kill the child and remove the cgroup.
+        let fail = |e: Error| {
             // SAFETY: plain kill of our own child.
             unsafe { libc::kill(pid, libc::SIGKILL) };
             reap(pid);
+            let _ = cg.destroy(true);
             e
         };
+        // The init sets itself up while we record it.
+        sync::send(&parent_sock, &Msg::Go)
+            .ctx(|| "signalling the init")
+            .map_err(fail)?;
         let pid_start = proc_stat(pid).map(|s| s.1).unwrap_or(0);
         let rec = Record {
             id: id.to_string(),
@@ -347,22 +415,9 @@ impl Runtime {
             rootfs,
             created: super::time::now(),
             annotations: spec.annotations().clone().unwrap_or_default(),
-            cgroups_path: cgroups_path(&spec, id),
+            cgroups_path,
         };
-        rec.save(&dir).map_err(kill_child)?;
-        let cg = cgroups::Manager::new(&rec.cgroups_path)
-            .map_err(|e| Error::Cgroups(e.to_string()))
-            .map_err(kill_child)?;
-        // From here on a failure also removes the cgroup.
-        let fail = |e: Error| {
-            let e = kill_child(e);
-            let _ = cg.destroy(true);
-            e
-        };
-        let mut cg_warnings = apply_cgroups(&cg, &spec, pid).map_err(fail)?;
-        sync::send(&parent_sock, &Msg::Go)
-            .ctx(|| "signalling the init")
-            .map_err(kill_child)?;
+        rec.save(&dir).map_err(fail)?;
         let mut warnings = wait_child(&parent_sock, pid, true).inspect_err(|_| {
             let _ = cg.destroy(true);
         })?;
@@ -617,11 +672,13 @@ impl Runtime {
             }
         }
         let (parent_sock, child_sock) = sync::pair().ctx(|| "socketpair")?;
+        let cg_join = exec_cgroups(&rec)?;
         let args = init::Args {
             spec: &spec,
             process,
             bundle: &rec.bundle,
             join,
+            cgroups: cg_join.as_ref(),
             unshare_cgroup: false,
             new_uts: false,
             stdio: opts.stdio,
@@ -630,20 +687,20 @@ impl Runtime {
                 detach: opts.detach,
             },
         };
-        let pid = raw_clone(0).ctx(|| "clone")?;
+        let (pid, cloned_into) = spawn(0, cg_join.as_ref())?;
         if pid == 0 {
             drop(parent_sock);
-            init::child_main(&args, &child_sock);
+            init::child_main(&args, &child_sock, cloned_into);
         }
         drop(child_sock);
         drop(args);
+        drop(cg_join);
         let kill_child = |e: Error| {
             // SAFETY: plain kill of our own child.
             unsafe { libc::kill(pid, libc::SIGKILL) };
             reap(pid);
             e
         };
-        join_cgroups(&rec, pid).map_err(kill_child)?;
         sync::send(&parent_sock, &Msg::Go)
             .ctx(|| "signalling the exec'd process")
             .map_err(kill_child)?;
@@ -703,17 +760,17 @@ fn cgroups_path(spec: &Spec, id: &str) -> String {
         .unwrap_or_else(|| format!("/{id}"))
 }
 
-/// Creates the cgroup, applies `linux.resources` and moves the (still waiting) init in, before
-/// it unshares its cgroup namespace. Returns the settings the manager ignored.
-fn apply_cgroups(cg: &cgroups::Manager, spec: &Spec, pid: i32) -> Result<Vec<String>> {
+/// Creates the cgroup and applies `linux.resources`, before the init exists; the init then
+/// joins by itself, before it unshares its cgroup namespace. Returns the settings the manager
+/// ignored and what the init needs to join.
+fn prepare_cgroups(cg: &cgroups::Manager, spec: &Spec) -> Result<(Vec<String>, cgroups::SelfJoin)> {
     let err = |e: cgroups::Error| Error::Cgroups(e.to_string());
     cg.create().map_err(err)?;
     let warnings = match spec.linux().as_ref().and_then(|l| l.resources().as_ref()) {
         Some(r) => cg.set(&with_default_device_rules(spec, r)).map_err(err)?,
         None => Vec::new(),
     };
-    cg.apply(pid).map_err(err)?;
-    Ok(warnings)
+    Ok((warnings, cg.self_join().map_err(err)?))
 }
 
 /// The spec's device rules followed by what runc always allows: mknod of any node, the
@@ -765,17 +822,17 @@ fn with_default_device_rules(spec: &Spec, r: &LinuxResources) -> LinuxResources 
     out
 }
 
-/// Moves an exec'd process into the init's cgroups.
-fn join_cgroups(rec: &Record, pid: i32) -> Result<()> {
+/// What an exec'd process needs to join the init's cgroups (nothing when they are gone).
+fn exec_cgroups(rec: &Record) -> Result<Option<cgroups::SelfJoin>> {
     if rec.cgroups_path.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
-    let cg = cgroups::Manager::new(&rec.cgroups_path).map_err(|e| Error::Cgroups(e.to_string()))?;
-    if cg.exists() {
-        cg.apply(pid).map_err(|e| Error::Cgroups(e.to_string()))
-    } else {
-        Ok(())
+    let err = |e: cgroups::Error| Error::Cgroups(e.to_string());
+    let cg = cgroups::Manager::new(&rec.cgroups_path).map_err(err)?;
+    if !cg.exists() {
+        return Ok(None);
     }
+    cg.self_join().map(Some).map_err(err)
 }
 
 /// Removes the container's cgroups (killing what is left in them).

@@ -33,7 +33,9 @@ pub(crate) struct Args<'a> {
     pub bundle: &'a Path,
     /// Namespaces to join with setns (flag, descriptor), in order.
     pub join: Vec<(libc::c_int, OwnedFd)>,
-    /// unshare(CLONE_NEWCGROUP) once the parent has placed us in our cgroups.
+    /// The cgroup we move ourselves into first (see `cgroups::Manager::self_join`).
+    pub cgroups: Option<&'a super::cgroups::SelfJoin>,
+    /// unshare(CLONE_NEWCGROUP) once we are in our cgroups.
     pub unshare_cgroup: bool,
     pub new_uts: bool,
     pub stdio: Option<[RawFd; 3]>,
@@ -42,8 +44,9 @@ pub(crate) struct Args<'a> {
     pub mode: Mode,
 }
 
-/// Entry point of the cloned child. Never returns.
-pub(crate) fn child_main(a: &Args<'_>, sync: &OwnedFd) -> ! {
+/// Entry point of the cloned child. Never returns. `cloned_into_cgroup`: the kernel already
+/// placed us in the cgroup2 directory (`clone3(CLONE_INTO_CGROUP)`).
+pub(crate) fn child_main(a: &Args<'_>, sync: &OwnedFd, cloned_into_cgroup: bool) -> ! {
     // The container's process starts with no signal blocked, whatever its parent blocked
     // (the monitor blocks SIGCHLD and SIGUSR1 for its signalfd).
     // SAFETY: an empty set from sigemptyset.
@@ -52,7 +55,7 @@ pub(crate) fn child_main(a: &Args<'_>, sync: &OwnedFd) -> ! {
         libc::sigemptyset(&mut set);
         libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
     }
-    let code = match run(a, sync) {
+    let code = match run(a, sync, cloned_into_cgroup) {
         Ok(()) => 0,
         Err(Fail::Report(msg)) => {
             let _ = sync::send(sync, &Msg::Error { msg });
@@ -98,13 +101,18 @@ fn prctl(op: libc::c_int, arg: libc::c_ulong) -> R {
     }
 }
 
-fn run(a: &Args<'_>, sync: &OwnedFd) -> Result<(), Fail> {
+fn run(a: &Args<'_>, sync: &OwnedFd, cloned_into_cgroup: bool) -> Result<(), Fail> {
     // Parent death before `Go` shows as EOF on the sync channel (getppid() is 0 in a new pid
     // namespace, so it cannot tell).
     prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong)?;
     match sync::recv(sync) {
         Ok(Some(Msg::Go)) => {}
         _ => return Err(Fail::Quiet),
+    }
+    // Our cgroups first, so that everything below is accounted to the container.
+    if let Some(j) = a.cgroups {
+        j.join_current(cloned_into_cgroup)
+            .map_err(|e| format!("joining the cgroup: {e}"))?;
     }
     let mut warnings = Vec::new();
     if let Some(fds) = a.stdio {

@@ -8,7 +8,9 @@
 //! let cg = Manager::new("/deckhand/ctr-1")?; // the spec's linux.cgroupsPath
 //! cg.create()?;                      // mkdir in every hierarchy (cpuset seeded, v2 controllers enabled)
 //! let ignored = cg.set(spec)?;       // linux.resources; returns what was ignored, to log
-//! cg.apply(pid)?;                    // the init before it execs; also each `exec`'d process
+//! let j = cg.self_join()?;           // the init (or an `exec`'d process) joins by itself:
+//!                                    // clone3(CLONE_INTO_CGROUP) + j.join_current() in the child
+//! cg.apply(pid)?;                    // or: move another process in (slower, takes a global lock)
 //! cg.freeze()?; cg.thaw()?;          // pause / resume
 //! let s = cg.stats()?;               // cpu ns, memory usage + working set, pids
 //! let oom = cg.oom_events()?.oom_kill > 0; // after the container exited, before destroy
@@ -70,6 +72,7 @@ pub mod stats;
 mod util;
 
 use std::io::ErrorKind;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -207,6 +210,30 @@ fn sleep_step(start: Instant) {
     });
 }
 
+/// See [`Manager::self_join`].
+#[derive(Debug)]
+pub struct SelfJoin {
+    /// The cgroup2 directory, for `clone3(CLONE_INTO_CGROUP)`.
+    pub unified_dir: Option<OwnedFd>,
+    /// `tasks` in each v1 hierarchy: the process writes `0` (itself) to each.
+    pub v1_tasks: Vec<PathBuf>,
+    /// The cgroup2 `cgroup.procs`, written `0` when `CLONE_INTO_CGROUP` was not available
+    /// (the slow, locked path).
+    pub unified_procs: Option<PathBuf>,
+}
+
+impl SelfJoin {
+    /// Run in the new process itself: writes `0` to every v1 `tasks` file, and to the cgroup2
+    /// `cgroup.procs` unless the process was cloned into it. No allocation beyond the error.
+    pub fn join_current(&self, cloned_into_unified: bool) -> Result<(), Error> {
+        let unified = self.unified_procs.iter().filter(|_| !cloned_into_unified);
+        for f in self.v1_tasks.iter().chain(unified) {
+            std::fs::write(f, "0").map_err(|e| Error::io("writing", f, Some("0"), e))?;
+        }
+        Ok(())
+    }
+}
+
 impl Manager {
     /// The manager for `cgroups_path` on this host's hierarchies ([`Layout::detect`]).
     pub fn new(cgroups_path: &str) -> Result<Manager, Error> {
@@ -331,6 +358,42 @@ impl Manager {
             })?;
         }
         Ok(())
+    }
+
+    /// What a new process needs to enter this cgroup by itself, cheaply: the cgroup2 directory
+    /// (opened, for `clone3(CLONE_INTO_CGROUP)`) and the files it writes `0` to once it runs.
+    ///
+    /// Why: writing another process's pid to `cgroup.procs` takes the kernel's global
+    /// threadgroup lock for writing, which waits for an RCU grace period (~10 ms on the
+    /// development VM, most of a container start). A thread moving *itself* through a v1
+    /// `tasks` file takes no such lock, and neither does `CLONE_INTO_CGROUP` (the fork path
+    /// holds the lock for reading). The process must be single-threaded: `tasks` moves one
+    /// thread. Only the hierarchies where the cgroup exists are named (`exec` into a container
+    /// whose cgroup was removed joins nothing).
+    pub fn self_join(&self) -> Result<SelfJoin, Error> {
+        let v1_tasks = self
+            .v1
+            .iter()
+            .filter(|(_, d)| d.is_dir())
+            .map(|(_, d)| d.join("tasks"))
+            .collect();
+        let unified_dir = match &self.unified {
+            Some(d) if d.is_dir() => Some(
+                std::fs::File::open(d)
+                    .map(OwnedFd::from)
+                    .map_err(|e| Error::io("opening", d, None, e))?,
+            ),
+            _ => None,
+        };
+        let unified_procs = unified_dir
+            .as_ref()
+            .and(self.unified.as_ref())
+            .map(|d| d.join("cgroup.procs"));
+        Ok(SelfJoin {
+            unified_dir,
+            v1_tasks,
+            unified_procs,
+        })
     }
 
     /// Moves process `pid` (all its threads) into the cgroup in every hierarchy.
