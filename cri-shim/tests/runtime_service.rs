@@ -1089,3 +1089,325 @@ async fn failures_leave_nothing_behind() -> Result<()> {
     }
     res
 }
+
+/// A container that keeps failing, created again for every attempt as the kubelet does: each
+/// attempt's exit code, reason, timestamps and log; the dead attempts removed as the kubelet's
+/// garbage collection does; nothing of them left.
+#[tokio::test]
+async fn crash_looping_container_reports_every_exit() -> Result<()> {
+    init_logs();
+    let (tb, _) = testbed();
+    let node = Node::new("rt-crash", true)?;
+    let res = async {
+        let (mut rt, mut img) = node.clients().await?;
+        let busybox = format!("{}/{BUSYBOX}", tb.registry());
+        pull(&mut img, &busybox).await?;
+        let logs = node.dir.path.join("pods").join("p5");
+        let sb = sandbox_config("dh-p5", &logs, "");
+        let pod = rt
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(sb.clone()),
+                runtime_handler: String::new(),
+            })
+            .await?
+            .into_inner()
+            .pod_sandbox_id;
+        let mut previous: Option<String> = None;
+        for attempt in 0..5u32 {
+            let mut c = container_config(
+                "crasher",
+                &busybox,
+                &["sh", "-c", "echo attempt $A; exit $((10 + A))"],
+            );
+            c.metadata = Some(cri::ContainerMetadata {
+                name: "crasher".into(),
+                attempt,
+            });
+            c.envs = vec![cri::KeyValue {
+                key: "A".into(),
+                value: attempt.to_string(),
+            }];
+            c.log_path = format!("crasher/{attempt}.log");
+            let id = run_container(&mut rt, &pod, &sb, c.clone()).await?;
+            let st = wait_exited(&mut rt, &id, Duration::from_secs(20)).await?;
+            assert_eq!(st.exit_code, 10 + attempt as i32, "{st:?}");
+            assert_eq!(st.reason, "Error", "{st:?}");
+            assert!(
+                st.finished_at >= st.started_at && st.started_at > 0,
+                "{st:?}"
+            );
+            let log = read_log(&logs.join(format!("crasher/{attempt}.log")));
+            assert!(
+                log.contains(&format!("stdout F attempt {attempt}")),
+                "{log}"
+            );
+            // The same name and attempt is refused while that container exists.
+            let dup = rt
+                .create_container(cri::CreateContainerRequest {
+                    pod_sandbox_id: pod.clone(),
+                    config: Some(c),
+                    sandbox_config: Some(sb.clone()),
+                })
+                .await;
+            assert!(dup.is_err(), "a second container with one name and attempt");
+            // The kubelet keeps the last dead attempt and removes the one before.
+            if let Some(old) = previous.replace(id) {
+                rt.remove_container(cri::RemoveContainerRequest { container_id: old })
+                    .await?;
+            }
+        }
+        let left = rt
+            .list_containers(cri::ListContainersRequest::default())
+            .await?
+            .into_inner()
+            .containers;
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(left[0].metadata.as_ref().map(|m| m.attempt), Some(4));
+        assert_eq!(left[0].state, cri::ContainerState::ContainerExited as i32);
+        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await?;
+        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await?;
+        let left = rt
+            .list_containers(cri::ListContainersRequest::default())
+            .await?
+            .into_inner()
+            .containers;
+        assert!(left.is_empty(), "{left:?}");
+        let monitors = std::process::Command::new("pgrep")
+            .args(["-f", &node.dir.path.display().to_string()])
+            .output()?;
+        let pids = String::from_utf8_lossy(&monitors.stdout).into_owned();
+        let own = std::process::id().to_string();
+        let daemon = node.daemon().child.id().to_string();
+        let others: Vec<&str> = pids
+            .split_whitespace()
+            .filter(|p| *p != own && *p != daemon)
+            .collect();
+        assert!(
+            others.is_empty(),
+            "processes of the removed pod remain: {others:?}"
+        );
+        Ok::<(), anyhow::Error>(())
+    }
+    .await;
+    if res.is_err() {
+        eprintln!("daemon log:\n{}", node.logs());
+    }
+    res
+}
+
+/// `kill -9` of the daemon while six pods are being started at once. After the restart every
+/// sandbox is either ready, with its network, or not ready; the kubelet's way out (stop and
+/// remove what is not ready, create what is missing, start what was created) gives six running
+/// pods on six distinct addresses; removing them all releases every address, so nothing was
+/// attached twice and nothing leaked.
+#[tokio::test]
+async fn restart_under_load_converges() -> Result<()> {
+    const PODS: usize = 6;
+    init_logs();
+    let (tb, _) = testbed();
+    let mut node = Node::new("rt-load", true)?;
+    let res = async {
+        let (_, mut img) = node.clients().await?;
+        let busybox = format!("{}/{BUSYBOX}", tb.registry());
+        pull(&mut img, &busybox).await?;
+        let logs = node.dir.path.join("pods");
+        let sandbox = |i: usize, attempt: u32| {
+            let mut sb = sandbox_config(&format!("dh-load{i}"), &logs.join(format!("l{i}")), "");
+            if let Some(m) = sb.metadata.as_mut() {
+                m.attempt = attempt;
+            }
+            sb
+        };
+        let sleeper = || container_config("sleeper", &busybox, &["sleep", "300"]);
+
+        // Round one: all at once; the daemon dies in the middle.
+        let mut tasks = Vec::new();
+        for i in 0..PODS {
+            let socket = node.daemon().socket.clone();
+            let (sb, c) = (sandbox(i, 0), sleeper());
+            tasks.push(tokio::spawn(async move {
+                let ch = deckhand_proto::unix::connect_path(&socket).await?;
+                let mut rt = RuntimeServiceClient::new(ch);
+                let pod = rt
+                    .run_pod_sandbox(cri::RunPodSandboxRequest {
+                        config: Some(sb.clone()),
+                        runtime_handler: String::new(),
+                    })
+                    .await?
+                    .into_inner()
+                    .pod_sandbox_id;
+                run_container(&mut rt, &pod, &sb, c).await?;
+                Ok::<(), anyhow::Error>(())
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        node.restart_hard()?;
+        let mut interrupted = 0;
+        for t in tasks {
+            if t.await?.is_err() {
+                interrupted += 1;
+            }
+        }
+        eprintln!("{interrupted} of {PODS} pods interrupted by the restart");
+        let (mut rt, _img) = node.clients().await?;
+
+        // Every sandbox is consistent: ready ones have their address.
+        let pods = rt
+            .list_pod_sandbox(cri::ListPodSandboxRequest::default())
+            .await?
+            .into_inner()
+            .items;
+        let mut ready = HashMap::new();
+        for p in &pods {
+            let st = rt
+                .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                    pod_sandbox_id: p.id.clone(),
+                    verbose: false,
+                })
+                .await?
+                .into_inner()
+                .status
+                .context("status")?;
+            let name = p
+                .metadata
+                .as_ref()
+                .map(|m| m.name.clone())
+                .unwrap_or_default();
+            if st.state == cri::PodSandboxState::SandboxReady as i32 {
+                let ip = st.network.map(|n| n.ip).unwrap_or_default();
+                assert!(!ip.is_empty(), "ready sandbox {} without an address", p.id);
+                ready.insert(name, p.id.clone());
+            } else {
+                rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+                    pod_sandbox_id: p.id.clone(),
+                })
+                .await?;
+                rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                    pod_sandbox_id: p.id.clone(),
+                })
+                .await?;
+            }
+        }
+
+        // Round two, one pod at a time as each pod's worker would.
+        let mut ips = std::collections::HashSet::new();
+        for i in 0..PODS {
+            let name = format!("dh-load{i}");
+            let sb = match ready.get(&name) {
+                Some(_) => sandbox(i, 0),
+                None => sandbox(i, 1),
+            };
+            let pod = match ready.get(&name) {
+                Some(id) => id.clone(),
+                None => {
+                    rt.run_pod_sandbox(cri::RunPodSandboxRequest {
+                        config: Some(sb.clone()),
+                        runtime_handler: String::new(),
+                    })
+                    .await?
+                    .into_inner()
+                    .pod_sandbox_id
+                }
+            };
+            let ctrs = rt
+                .list_containers(cri::ListContainersRequest {
+                    filter: Some(cri::ContainerFilter {
+                        pod_sandbox_id: pod.clone(),
+                        ..Default::default()
+                    }),
+                })
+                .await?
+                .into_inner()
+                .containers;
+            let mut running = None;
+            for c in &ctrs {
+                let started = c.state == cri::ContainerState::ContainerRunning as i32
+                    || (c.state == cri::ContainerState::ContainerCreated as i32
+                        && rt
+                            .start_container(cri::StartContainerRequest {
+                                container_id: c.id.clone(),
+                            })
+                            .await
+                            .is_ok());
+                if started && running.is_none() {
+                    running = Some(c.id.clone());
+                } else {
+                    rt.remove_container(cri::RemoveContainerRequest {
+                        container_id: c.id.clone(),
+                    })
+                    .await?;
+                }
+            }
+            let ctr = match running {
+                Some(id) => id,
+                None => {
+                    let mut c = sleeper();
+                    c.metadata = Some(cri::ContainerMetadata {
+                        name: "sleeper".into(),
+                        attempt: 1,
+                    });
+                    run_container(&mut rt, &pod, &sb, c).await?
+                }
+            };
+            assert_eq!(
+                status(&mut rt, &ctr).await?.state,
+                cri::ContainerState::ContainerRunning as i32
+            );
+            let (code, _, _) = exec(&mut rt, &ctr, &["true"]).await?;
+            assert_eq!(code, 0);
+            let ip = rt
+                .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                    pod_sandbox_id: pod.clone(),
+                    verbose: false,
+                })
+                .await?
+                .into_inner()
+                .status
+                .and_then(|s| s.network)
+                .map(|n| n.ip)
+                .unwrap_or_default();
+            assert!(ips.insert(ip.clone()), "address {ip} given twice");
+        }
+        let pods = rt
+            .list_pod_sandbox(cri::ListPodSandboxRequest::default())
+            .await?
+            .into_inner()
+            .items;
+        assert_eq!(pods.len(), PODS, "{pods:?}");
+
+        // Removing everything frees every address.
+        for p in pods {
+            rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: p.id.clone(),
+            })
+            .await?;
+            rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+                pod_sandbox_id: p.id,
+            })
+            .await?;
+        }
+        let ipam = node.dir.path.join("ipam").join("dh-rt-load");
+        let reserved: Vec<String> = std::fs::read_dir(&ipam)
+            .with_context(|| format!("{}", ipam.display()))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
+            .collect();
+        assert!(
+            reserved.is_empty(),
+            "addresses still reserved: {reserved:?}"
+        );
+        Ok::<(), anyhow::Error>(())
+    }
+    .await;
+    if res.is_err() {
+        eprintln!("daemon log:\n{}", node.logs());
+    }
+    res
+}

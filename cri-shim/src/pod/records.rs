@@ -41,12 +41,22 @@ pub struct SandboxRecord {
     pub utsns: Option<PathBuf>,
     /// The PID namespace holder when the pod shares one (pid, start time).
     pub pid_holder: Option<(i32, u64)>,
-    /// CNI ADD succeeded and no DEL ran since.
+    /// CNI ADD was (or is about to be) run and no DEL ran since: teardown runs a DEL.
     pub network_attached: bool,
+    /// Set up completely (namespaces, PID holder, CNI). A record left `false` by a daemon
+    /// killed half-way stays NOTREADY after the restart, for the kubelet to stop and remove
+    /// (which undoes whatever was done).
+    #[serde(default = "complete")]
+    pub set_up: bool,
     /// The pod's IPs (first is the primary).
     pub ips: Vec<String>,
     /// The cgroup parent did not exist and was created by us (removed with the sandbox).
     pub created_cgroup_parent: bool,
+}
+
+/// Records written before `set_up` existed were only written for complete sandboxes.
+fn complete() -> bool {
+    true
 }
 
 impl SandboxRecord {
@@ -263,6 +273,7 @@ mod tests {
             utsns: None,
             pid_holder: None,
             network_attached: false,
+            set_up: false,
             ips: vec![],
             created_cgroup_parent: false,
         };
@@ -281,5 +292,11 @@ mod tests {
         let back: SandboxRecord = serde_json::from_str(&json).expect("decode");
         assert_eq!(back.config(), c);
         assert_eq!(back.name_key(), "sandbox_p_n_u_2");
+        assert!(!back.set_up, "a half-made sandbox stays half-made");
+        // A record from before `set_up` existed was complete.
+        let mut old: serde_json::Value = serde_json::from_str(&json).expect("json");
+        old.as_object_mut().expect("object").remove("set_up");
+        let old: SandboxRecord = serde_json::from_value(old).expect("decode old");
+        assert!(old.set_up);
     }
 }

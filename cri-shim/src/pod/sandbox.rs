@@ -102,6 +102,7 @@ impl Manager {
             utsns: None,
             pid_holder: None,
             network_attached: false,
+            set_up: false,
             ips: Vec::new(),
             created_cgroup_parent: false,
         };
@@ -143,6 +144,11 @@ impl Manager {
         pid_mode: cri::NamespaceMode,
     ) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::internal(dir.display(), e))?;
+        // Persist before anything that must be undone after a crash (the /dev/shm mount,
+        // namespaces, CNI): a daemon killed from here on finds the record and the kubelet's
+        // StopPodSandbox/RemovePodSandbox undo what was done.
+        rec.network_attached = !host_net;
+        self.records.put_sandbox(rec)?;
         let hostname = if host_net {
             host_hostname()
         } else if config.hostname.is_empty() {
@@ -199,9 +205,6 @@ impl Manager {
             hostname: hostname.clone(),
             sysctls,
         };
-        // Persist before anything that must be undone after a crash (namespaces, CNI).
-        rec.network_attached = !host_net;
-        self.records.put_sandbox(rec)?;
         let d = dir.to_path_buf();
         let pins = tokio::task::spawn_blocking(move || namespaces::create(&d, &req))
             .await
@@ -243,6 +246,7 @@ impl Manager {
                 .await?;
             rec.ips = ips;
         }
+        rec.set_up = true;
         self.records.put_sandbox(rec)?;
         Ok(())
     }
@@ -397,7 +401,7 @@ impl Manager {
             Some(p) => namespaces::is_pinned(p),
             None => ns_modes(&rec.config()).0 == cri::NamespaceMode::Node,
         };
-        if !rec.stopped && live {
+        if !rec.stopped && rec.set_up && live {
             cri::PodSandboxState::SandboxReady
         } else {
             cri::PodSandboxState::SandboxNotready
