@@ -81,17 +81,31 @@ spec:
     image: $DH_REGISTRY/dh/httpd:latest
     ports: [{ containerPort: 8080 }]
 YAML
+# The kubelet's HTTPS API on 127.0.0.1:10250 with a serving certificate from the test bed's
+# kubelet CA (which the API server trusts, so `kubectl logs/exec` work) and client certificates
+# of the cluster CA; authorised by the API server (SubjectAccessReview) when there is one.
+"$DH_ROOT/hack/testbed/controlplane.sh" node-credentials "$DIR" "$NODE" "$DIR/node" >/dev/null
+AUTHZ=AlwaysAllow
+[ "$APISERVER" = 1 ] && AUTHZ=Webhook
 cat >"$DIR/node/kubelet.yaml" <<YAML
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 nodeStatusUpdateFrequency: 5s
 staticPodPath: $DIR/manifests
 podLogsDir: $DIR/pod-logs
+address: 127.0.0.1
+port: 10250
+tlsCertFile: $DIR/node/kubelet.crt
+tlsPrivateKeyFile: $DIR/node/kubelet.key
+authentication:
+  anonymous: {enabled: false}
+  webhook: {enabled: $([ "$APISERVER" = 1 ] && echo true || echo false)}
+  x509: {clientCAFile: $DIR/node/ca.crt}
+authorization: {mode: $AUTHZ}
 YAML
 kubelet_args=(--config "$DIR/node/kubelet.yaml" --hostname-override "$NODE" --node-ip 127.0.0.1
   --root-dir "$DIR/kubelet" --container-runtime-endpoint "unix://$CRI/cri.sock")
 if [ "$APISERVER" = 1 ]; then
-  "$DH_ROOT/hack/testbed/controlplane.sh" node-credentials "$DIR" "$NODE" "$DIR/node" >/dev/null
   kubelet_args+=(--kubeconfig "$DIR/node/kubeconfig")
 fi
 if ! dh_alive "$DIR" deckhand-kubelet; then
@@ -134,6 +148,8 @@ if [ "$APISERVER" = 1 ]; then
   echo "== deckhand-kubelet: node $NODE (log $DIR/logs/deckhand-kubelet.log)"
   "${kubectl[@]}" get nodes -o wide
   "${kubectl[@]}" get pods -A -o wide
+  echo "-- kubectl exec demo-$NODE -- hostname (through the API server and the kubelet's API)"
+  "${kubectl[@]}" exec "demo-$NODE" -c web -- hostname || echo "(kubectl exec failed: see the kubelet log)"
 else
   echo "== deckhand-kubelet: standalone, static pods from $DIR/manifests (log $DIR/logs/deckhand-kubelet.log)"
 fi
@@ -144,5 +160,8 @@ cat <<MSG
   drop a pod manifest into $DIR/manifests (it runs; remove the file and it goes)
   curl http://$DEMO_IP:8080/
   export KUBECONFIG=$DH_KUBECONFIG; $DH_KUBECTL get pods -A   # with --apiserver
+  $DH_KUBECTL logs demo-$NODE; $DH_KUBECTL exec -it demo-$NODE -- sh   # with --apiserver
+  curl --cacert $DIR/pki/kubelet-ca.crt --cert $DIR/pki/admin.crt --key $DIR/pki/admin.key \
+    https://127.0.0.1:10250/pods          # the kubelet's own API
 Stop it with: hack/run-node.sh stop $DIR
 MSG
