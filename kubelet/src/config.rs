@@ -59,6 +59,30 @@ pub struct Flags {
     /// Labels for the Node at registration (`key=value,key2=value2`; may repeat).
     #[arg(long, value_name = "LABELS")]
     pub node_labels: Vec<String>,
+    /// The IP the kubelet's HTTPS server listens on; overrides address.
+    #[arg(long, value_name = "IP")]
+    pub address: Option<IpAddr>,
+    /// The kubelet's HTTPS port; overrides port.
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: Option<u16>,
+    /// The serving certificate (PEM, chain allowed); overrides tlsCertFile.
+    #[arg(long, value_name = "PATH")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The serving certificate's key (PEM); overrides tlsPrivateKeyFile.
+    #[arg(long, value_name = "PATH")]
+    pub tls_private_key_file: Option<PathBuf>,
+    /// CA bundle that verifies client certificates; overrides authentication.x509.clientCAFile.
+    #[arg(long, value_name = "PATH")]
+    pub client_ca_file: Option<PathBuf>,
+    /// Allow anonymous requests; overrides authentication.anonymous.enabled.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub anonymous_auth: Option<bool>,
+    /// Authenticate bearer tokens with TokenReview; overrides authentication.webhook.enabled.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub authentication_token_webhook: Option<bool>,
+    /// `AlwaysAllow` or `Webhook`; overrides authorization.mode.
+    #[arg(long, value_name = "MODE")]
+    pub authorization_mode: Option<String>,
     /// Log verbosity as upstream's klog `--v` (0-1 info, 2-4 debug, 5+ trace); RUST_LOG wins.
     #[arg(long = "v", value_name = "LEVEL", default_value_t = 0)]
     pub verbosity: u8,
@@ -108,6 +132,28 @@ pub enum CgroupDriver {
     Systemd,
 }
 
+/// `authorization.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthorizationMode {
+    /// Every authenticated request is allowed.
+    AlwaysAllow,
+    /// Each request is checked with a SubjectAccessReview (the v1beta1 file default).
+    Webhook,
+}
+
+impl std::str::FromStr for AuthorizationMode {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "AlwaysAllow" => Ok(AuthorizationMode::AlwaysAllow),
+            "Webhook" => Ok(AuthorizationMode::Webhook),
+            m => Err(invalid(format!(
+                "authorization mode {m:?}: expected \"AlwaysAllow\" or \"Webhook\""
+            ))),
+        }
+    }
+}
+
 /// The supported part of a KubeletConfiguration, typed and defaulted as upstream.
 #[derive(Debug, Clone)]
 pub struct KubeletConfiguration {
@@ -115,6 +161,26 @@ pub struct KubeletConfiguration {
     pub address: IpAddr,
     /// `port` (10250): the kubelet's HTTPS port, reported in daemonEndpoints.
     pub port: u16,
+    /// `tlsCertFile`: the serving certificate; without it one is self-signed under
+    /// `<root-dir>/pki`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// `tlsPrivateKeyFile`.
+    pub tls_private_key_file: Option<PathBuf>,
+    /// `authentication.x509.clientCAFile`: client certificates signed by it authenticate
+    /// (user = CN, groups = O).
+    pub client_ca_file: Option<PathBuf>,
+    /// `authentication.anonymous.enabled` (false).
+    pub anonymous_auth: bool,
+    /// `authentication.webhook.enabled` (true): bearer tokens checked with TokenReview.
+    pub authentication_webhook: bool,
+    /// `authorization.mode` (Webhook).
+    pub authorization_mode: AuthorizationMode,
+    /// `authentication.webhook.cacheTTL` (2m): how long TokenReview answers are kept.
+    pub authentication_webhook_cache_ttl: Duration,
+    /// `authorization.webhook.cacheAuthorizedTTL` (5m).
+    pub authorization_cache_authorized_ttl: Duration,
+    /// `authorization.webhook.cacheUnauthorizedTTL` (30s).
+    pub authorization_cache_unauthorized_ttl: Duration,
     /// `staticPodPath`.
     pub static_pod_path: Option<PathBuf>,
     /// `clusterDNS`.
@@ -165,6 +231,15 @@ impl Default for KubeletConfiguration {
         KubeletConfiguration {
             address: IpAddr::from([0, 0, 0, 0]),
             port: 10250,
+            tls_cert_file: None,
+            tls_private_key_file: None,
+            client_ca_file: None,
+            anonymous_auth: false,
+            authentication_webhook: true,
+            authorization_mode: AuthorizationMode::Webhook,
+            authentication_webhook_cache_ttl: Duration::from_secs(120),
+            authorization_cache_authorized_ttl: Duration::from_secs(300),
+            authorization_cache_unauthorized_ttl: Duration::from_secs(30),
             static_pod_path: None,
             cluster_dns: Vec::new(),
             cluster_domain: None,
@@ -197,6 +272,10 @@ struct ConfigFile {
     kind: Option<String>,
     address: Option<String>,
     port: Option<i64>,
+    tls_cert_file: Option<PathBuf>,
+    tls_private_key_file: Option<PathBuf>,
+    authentication: Option<AuthenticationFile>,
+    authorization: Option<AuthorizationFile>,
     static_pod_path: Option<PathBuf>,
     #[serde(rename = "clusterDNS")]
     cluster_dns: Option<Vec<String>>,
@@ -221,6 +300,52 @@ struct ConfigFile {
     pod_logs_dir: Option<PathBuf>,
     #[serde(flatten)]
     other: BTreeMap<String, serde_yaml_ng::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AuthenticationFile {
+    x509: Option<X509File>,
+    webhook: Option<TokenWebhookFile>,
+    anonymous: Option<EnabledFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TokenWebhookFile {
+    enabled: Option<bool>,
+    #[serde(rename = "cacheTTL")]
+    cache_ttl: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct X509File {
+    #[serde(rename = "clientCAFile")]
+    client_ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct EnabledFile {
+    enabled: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct AuthorizationFile {
+    mode: Option<String>,
+    webhook: Option<AuthorizationWebhookFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct AuthorizationWebhookFile {
+    #[serde(rename = "cacheAuthorizedTTL")]
+    cache_authorized_ttl: Option<String>,
+    #[serde(rename = "cacheUnauthorizedTTL")]
+    cache_unauthorized_ttl: Option<String>,
+}
+
+fn nonempty(p: Option<PathBuf>) -> Option<PathBuf> {
+    p.filter(|p| !p.as_os_str().is_empty())
 }
 
 fn duration_field(name: &str, v: &Option<String>) -> Result<Option<Duration>, ConfigError> {
@@ -292,6 +417,41 @@ impl KubeletConfiguration {
         }
         if let Some(p) = int_field::<u16>("port", file.port, 1)? {
             c.port = p;
+        }
+        c.tls_cert_file = nonempty(file.tls_cert_file);
+        c.tls_private_key_file = nonempty(file.tls_private_key_file);
+        if let Some(a) = file.authentication {
+            c.client_ca_file = nonempty(a.x509.and_then(|x| x.client_ca_file));
+            if let Some(e) = a.anonymous.and_then(|x| x.enabled) {
+                c.anonymous_auth = e;
+            }
+            if let Some(w) = a.webhook {
+                if let Some(e) = w.enabled {
+                    c.authentication_webhook = e;
+                }
+                if let Some(d) = duration_field("authentication.webhook.cacheTTL", &w.cache_ttl)? {
+                    c.authentication_webhook_cache_ttl = d;
+                }
+            }
+        }
+        if let Some(a) = file.authorization {
+            if let Some(m) = a.mode.filter(|m| !m.is_empty()) {
+                c.authorization_mode = m.parse()?;
+            }
+            if let Some(w) = a.webhook {
+                if let Some(d) = duration_field(
+                    "authorization.webhook.cacheAuthorizedTTL",
+                    &w.cache_authorized_ttl,
+                )? {
+                    c.authorization_cache_authorized_ttl = d;
+                }
+                if let Some(d) = duration_field(
+                    "authorization.webhook.cacheUnauthorizedTTL",
+                    &w.cache_unauthorized_ttl,
+                )? {
+                    c.authorization_cache_unauthorized_ttl = d;
+                }
+            }
         }
         c.static_pod_path = file.static_pod_path.filter(|p| !p.as_os_str().is_empty());
         if let Some(d) = file.pod_logs_dir.filter(|p| !p.as_os_str().is_empty()) {
@@ -445,6 +605,35 @@ impl Config {
             .filter(|p| !p.as_os_str().is_empty())
         {
             kubelet.static_pod_path = Some(p.clone());
+        }
+        if let Some(a) = flags.address {
+            kubelet.address = a;
+        }
+        if let Some(p) = flags.port {
+            kubelet.port = p;
+        }
+        if let Some(f) = nonempty(flags.tls_cert_file.clone()) {
+            kubelet.tls_cert_file = Some(f);
+        }
+        if let Some(f) = nonempty(flags.tls_private_key_file.clone()) {
+            kubelet.tls_private_key_file = Some(f);
+        }
+        if let Some(f) = nonempty(flags.client_ca_file.clone()) {
+            kubelet.client_ca_file = Some(f);
+        }
+        if let Some(a) = flags.anonymous_auth {
+            kubelet.anonymous_auth = a;
+        }
+        if let Some(w) = flags.authentication_token_webhook {
+            kubelet.authentication_webhook = w;
+        }
+        if let Some(m) = &flags.authorization_mode {
+            kubelet.authorization_mode = m.parse()?;
+        }
+        if kubelet.tls_cert_file.is_some() != kubelet.tls_private_key_file.is_some() {
+            return Err(invalid(
+                "tlsCertFile and tlsPrivateKeyFile must be given together",
+            ));
         }
         deckhand_proto::unix::socket_path(&kubelet.container_runtime_endpoint)
             .map_err(|e| invalid(e.to_string()))?;
@@ -697,6 +886,10 @@ mod tests {
         assert_eq!(c.eviction_hard.len(), 5);
         assert_eq!(c.node_status_max_images, 50);
         assert_eq!(c.runtime_request_timeout, Duration::from_secs(120));
+        assert!(!c.anonymous_auth);
+        assert!(c.authentication_webhook);
+        assert_eq!(c.authorization_mode, AuthorizationMode::Webhook);
+        assert!(c.client_ca_file.is_none() && c.tls_cert_file.is_none());
     }
 
     #[test]
@@ -709,7 +902,10 @@ mod tests {
              address: 127.0.0.1\nport: 10350\ncgroupDriver: systemd\npodCIDR: 10.1.0.0/24\n\
              registerNode: false\nregisterWithTaints:\n- {key: dh/test, value: x, effect: NoSchedule}\n\
              containerRuntimeEndpoint: unix:///run/deckhand/cri.sock\nruntimeRequestTimeout: 1m30s\n\
-             authentication: {anonymous: {enabled: false}}\nfailSwapOn: false\n",
+             authentication: {anonymous: {enabled: true}, webhook: {enabled: false}, \
+             x509: {clientCAFile: /ca.crt}}\n\
+             authorization: {mode: AlwaysAllow, webhook: {cacheUnauthorizedTTL: 5s}}\n\
+             tlsCertFile: /k.crt\ntlsPrivateKeyFile: /k.key\nfailSwapOn: false\n",
         )
         .expect("config");
         assert_eq!(c.node_status_update_frequency, Duration::from_secs(2));
@@ -741,8 +937,22 @@ mod tests {
             "unix:///run/deckhand/cri.sock"
         );
         assert_eq!(c.runtime_request_timeout, Duration::from_secs(90));
-        assert_eq!(warnings.len(), 2, "{warnings:?}");
-        assert!(warnings.iter().any(|w| w.contains("\"authentication\"")));
+        assert!(c.anonymous_auth);
+        assert!(!c.authentication_webhook);
+        assert_eq!(c.client_ca_file.as_deref(), Some(Path::new("/ca.crt")));
+        assert_eq!(c.authorization_mode, AuthorizationMode::AlwaysAllow);
+        assert_eq!(
+            c.authorization_cache_unauthorized_ttl,
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            c.authorization_cache_authorized_ttl,
+            Duration::from_secs(300)
+        );
+        assert_eq!(c.authentication_webhook_cache_ttl, Duration::from_secs(120));
+        assert_eq!(c.tls_cert_file.as_deref(), Some(Path::new("/k.crt")));
+        assert_eq!(c.tls_private_key_file.as_deref(), Some(Path::new("/k.key")));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(warnings.iter().any(|w| w.contains("\"failSwapOn\"")));
 
         let (c, _) = load("nodeStatusUpdateFrequency: 20s\nnodeStatusReportFrequency: 1m\n")
@@ -794,6 +1004,8 @@ mod tests {
             "podCIDR: 10.0.0.0/33\n",
             "registerWithTaints: [{key: a, effect: Sometimes}]\n",
             "port: 70000\n",
+            "authorization: {mode: RBAC}\n",
+            "authentication: {webhook: {cacheTTL: soon}}\n",
             "podLogsDir: relative/logs\n",
             "- a list\n",
         ] {
@@ -856,9 +1068,22 @@ mod tests {
             "--root-dir=/x",
             "--root-dir",
             DEFAULT_ROOT_DIR,
+            "--port=10350",
+            "--address=127.0.0.1",
+            "--authorization-mode=AlwaysAllow",
+            "--anonymous-auth",
+            "--client-ca-file=/ca.crt",
         ])
         .expect("flags");
         let (c, _) = Config::load(&flags).expect("config");
+        assert_eq!(c.kubelet.port, 10350);
+        assert_eq!(c.kubelet.address, IpAddr::from([127, 0, 0, 1]));
+        assert_eq!(c.kubelet.authorization_mode, AuthorizationMode::AlwaysAllow);
+        assert!(c.kubelet.anonymous_auth);
+        assert_eq!(
+            c.kubelet.client_ca_file.as_deref(),
+            Some(Path::new("/ca.crt"))
+        );
         assert_eq!(c.node_name, "my-node");
         assert_eq!(c.hostname, "my-node");
         assert_eq!(c.kubelet.container_runtime_endpoint, "unix:///b.sock");

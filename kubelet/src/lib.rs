@@ -19,13 +19,16 @@
 //! * [`pods`]: pod sources (API watch, static-pod directory, mirror pods), one worker per pod
 //!   (sandbox, images, init and main containers, restarts with back-off, graceful deletion)
 //!   and pod status.
+//! * [`server`]: the kubelet's HTTPS API on `address:port` (logs, exec, attach, port-forward,
+//!   run, pods, healthz) with x509/TokenReview authentication and Webhook authorization.
 //!
 //! Standalone mode (no `--kubeconfig`) runs static pods only. Not implemented yet (see the
-//! kubelet issue): probes, volumes beyond emptyDir/hostPath, events, hooks, sidecars, the
-//! kubelet's HTTP server, eviction of pods.
+//! kubelet issue): probes, volumes beyond emptyDir/hostPath, events, hooks, sidecars, eviction
+//! of pods.
 
 pub mod conditions;
 pub mod config;
+pub mod events;
 pub mod eviction;
 pub mod lease;
 pub mod machine;
@@ -35,6 +38,7 @@ pub mod quantity;
 pub mod reconcile;
 pub mod resources;
 pub mod runtime;
+pub mod server;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -71,6 +75,9 @@ pub enum Error {
     /// No node IP was given and none could be found.
     #[error("cannot determine the node IP; set --node-ip")]
     NoNodeIp,
+    /// The kubelet's HTTPS API could not be set up (TLS files, the port).
+    #[error("the kubelet API: {0}")]
+    Server(#[from] server::ServerError),
 }
 
 /// Builds a client of the API server from a kubeconfig file.
@@ -151,7 +158,7 @@ fn start_pods(
     setup: PodsSetup,
     tasks: &mut tokio::task::JoinSet<()>,
     shutdown: &CancellationToken,
-) {
+) -> Result<(), Error> {
     let PodsSetup {
         client,
         runtime,
@@ -174,6 +181,13 @@ fn start_pods(
         cluster_domain: config.kubelet.cluster_domain.clone(),
         host_dns,
         runtime_name: Default::default(),
+        events: match &client {
+            Some(c) => events::Recorder::new(c.clone(), config.node_name.clone(), shutdown.clone()),
+            None => events::Recorder::logging(),
+        },
+        exec: Arc::new(pods::probes::ExecClient::new(
+            config.kubelet.container_runtime_endpoint.clone(),
+        )),
     });
     let mut sources = std::collections::HashSet::new();
     if client.is_some() {
@@ -184,6 +198,17 @@ fn start_pods(
     }
     let (manager, tx, rx) = pods::PodManager::new(ctx, sources, shutdown.clone());
     let statics = manager.statics();
+    // The kubelet's HTTPS API (logs, exec, attach, port-forward).
+    let server = server::Server::new(
+        config,
+        server::ServerContext {
+            runtime: runtime.clone(),
+            client: client.clone(),
+            node_ip,
+            statics: Some(manager.statics()),
+        },
+    )?;
+    tasks.spawn(server::run(server, shutdown.clone()));
     let mirrors = manager.mirrors();
     tasks.spawn(manager.run(rx));
     tasks.spawn(pods::runtime_events(
@@ -238,6 +263,7 @@ fn start_pods(
             });
         }
     }
+    Ok(())
 }
 
 async fn standalone(
@@ -268,7 +294,7 @@ async fn standalone(
         node_ip,
         node_state: None,
     };
-    start_pods(&config, setup, &mut tasks, &shutdown);
+    start_pods(&config, setup, &mut tasks, &shutdown)?;
     shutdown.cancelled().await;
     while let Some(r) = tasks.join_next().await {
         if let Err(e) = r {
@@ -308,7 +334,7 @@ async fn cluster(
         node_ip: Some(node_ip),
         node_state: Some(state_rx.clone()),
     };
-    start_pods(&config, setup, &mut tasks, &shutdown);
+    start_pods(&config, setup, &mut tasks, &shutdown)?;
     let controller = node::NodeController::new(
         client.clone(),
         config.clone(),

@@ -65,7 +65,17 @@ impl Kubelet {
             );
         }
         let config_path = dir.path().join("config.yaml");
-        std::fs::write(&config_path, format!("{CONFIG_HEAD}{config}"))?;
+        // The HTTPS server on loopback only, on a free port unless the test names one.
+        let port = if config.contains("port:") {
+            String::new()
+        } else {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            format!("port: {}\n", l.local_addr()?.port())
+        };
+        std::fs::write(
+            &config_path,
+            format!("{CONFIG_HEAD}address: 127.0.0.1\n{port}{config}"),
+        )?;
         let log = std::fs::File::create(dir.path().join("kubelet.log"))?;
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_deckhand-kubelet"));
         cmd.arg("--config")

@@ -28,6 +28,13 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 
+/// A free loopback port, for the kubelet's HTTPS server (tests never listen beyond loopback).
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 const CONFIG_HEAD: &str = "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nnodeStatusUpdateFrequency: 2s\nnodeLeaseDurationSeconds: 8\n";
 
 /// The CRI endpoint the kubelet under test uses: the one line to switch to deckhand-cri.
@@ -92,7 +99,8 @@ impl Bed {
         std::fs::write(
             &config,
             format!(
-                "{CONFIG_HEAD}podLogsDir: {}\n",
+                "{CONFIG_HEAD}address: 127.0.0.1\nport: {}\npodLogsDir: {}\n",
+                free_port()?,
                 bed.dir.path().join("logs").display()
             ),
         )?;
@@ -822,8 +830,8 @@ async fn an_unsupported_pod_is_rejected_with_a_reason() -> Result<()> {
     let bed = Bed::start("pod-reject", false).await?;
     bed.create_pod(
         "probe",
-        json!({ "containers": [{ "name": "c", "image": busybox(), "command": ["sleep", "60"],
-                "livenessProbe": { "exec": { "command": ["true"] } } }] }),
+        json!({ "readinessGates": [{ "conditionType": "deckhand.io/gate" }],
+                "containers": [{ "name": "c", "image": busybox(), "command": ["sleep", "60"] }] }),
     )
     .await?;
     let (reason, message) = bed
@@ -837,7 +845,7 @@ async fn an_unsupported_pod_is_rejected_with_a_reason() -> Result<()> {
         })
         .await?;
     assert_eq!(reason.as_deref(), Some("UnsupportedPodSpec"));
-    assert!(message.unwrap_or_default().contains("livenessProbe"));
+    assert!(message.unwrap_or_default().contains("readinessGates"));
     let uid = bed
         .pods()
         .get("probe")

@@ -16,7 +16,7 @@ use deckhand_proto::cri::runtime_service_client::RuntimeServiceClient;
 use deckhand_tests::images::{HTTPD, HTTPD_INDEX_HTML};
 use deckhand_tests::testbed::{Testbed, unique_name};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod};
 use kube::api::{Api, DeleteParams, PostParams};
 
 fn bin(name: &str) -> Result<PathBuf> {
@@ -137,8 +137,18 @@ impl NodeBed {
         std::fs::write(
             dir.join("kubelet.yaml"),
             format!(
-                "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nnodeStatusUpdateFrequency: 2s\npodLogsDir: {}\n",
-                dir.join("logs").display()
+                "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n\
+                 nodeStatusUpdateFrequency: 2s\npodLogsDir: {}\naddress: 127.0.0.1\nport: {}\n\
+                 tlsCertFile: {}\ntlsPrivateKeyFile: {}\n\
+                 authentication: {{x509: {{clientCAFile: {}}}, anonymous: {{enabled: false}}}}\n\
+                 authorization: {{mode: Webhook}}\n",
+                dir.join("logs").display(),
+                std::net::TcpListener::bind("127.0.0.1:0")?
+                    .local_addr()?
+                    .port(),
+                creds.join("kubelet.crt").display(),
+                creds.join("kubelet.key").display(),
+                creds.join("ca.crt").display(),
             ),
         )?;
         let klog = std::fs::File::create(dir.join("kubelet.log"))?;
@@ -286,13 +296,27 @@ async fn pod_runs_on_its_own_ip_through_deckhand_cri() -> Result<()> {
     .await?;
 
     let pods: Api<Pod> = Api::namespaced(bed.client.clone(), &bed.ns);
+    let cms: Api<ConfigMap> = Api::namespaced(bed.client.clone(), &bed.ns);
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "dh-cfg"}, "data": {"greeting": "hello from a configmap"}
+        }))?,
+    )
+    .await?;
     let pod: Pod = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "dh-web", "namespace": bed.ns},
         "spec": {
             "nodeName": bed.node,
             "automountServiceAccountToken": false,
             "terminationGracePeriodSeconds": 1,
-            "containers": [{"name": "web", "image": format!("{}/{HTTPD}", tb.registry())}],
+            "hostAliases": [{"ip": "10.1.2.3", "hostnames": ["dh-alias"]}],
+            "volumes": [{"name": "cfg", "configMap": {"name": "dh-cfg"}}],
+            "containers": [{
+                "name": "web",
+                "image": format!("{}/{HTTPD}", tb.registry()),
+                "volumeMounts": [{"name": "cfg", "mountPath": "/cfg"}],
+            }],
         }
     }))?;
     pods.create(&PostParams::default(), &pod).await?;
@@ -325,6 +349,28 @@ async fn pod_runs_on_its_own_ip_through_deckhand_cri() -> Result<()> {
     let mut page = String::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut page)).await??;
     ensure!(page.ends_with(HTTPD_INDEX_HTML), "{page}");
+
+    // kubectl exec through the API server, the kubelet's API and deckhand-cri's streaming
+    // server: the container sees the kubelet's /etc/hosts (with the alias) and the ConfigMap.
+    let out = Command::new(tb.var("DH_KUBECTL")?)
+        .arg("--kubeconfig")
+        .arg(tb.var("DH_KUBECONFIG")?)
+        .args(["-n", &bed.ns, "exec", "dh-web", "-c", "web", "--"])
+        .args(["sh", "-c", "cat /etc/hosts /cfg/greeting; echo; exit 7"])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.code() == Some(7),
+        "kubectl exec: {:?} {text} {}\nkubelet log:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        bed.log("kubelet.log")
+    );
+    ensure!(
+        text.contains("10.1.2.3\tdh-alias") && text.contains(&format!("{ip}\tdh-web")),
+        "/etc/hosts: {text}"
+    );
+    ensure!(text.contains("hello from a configmap"), "{text}");
 
     // Deleting the pod removes it from the runtime, then from the API server.
     pods.delete("dh-web", &DeleteParams::default()).await?;

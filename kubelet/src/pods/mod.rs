@@ -12,10 +12,15 @@
 //!   1.6) a relist every [`RELIST_PERIOD`] as the safety net.
 //! * [`mirror::MirrorController`] keeps a mirror pod on the API server for every static pod.
 
+pub mod env;
+pub mod hooks;
 pub mod mirror;
+pub mod probes;
+pub mod secrets;
 pub mod spec;
 pub mod static_pods;
 pub mod status;
+pub mod volumes;
 pub mod worker;
 
 use std::collections::{BTreeMap, HashMap, HashSet};

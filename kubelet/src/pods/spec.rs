@@ -3,8 +3,10 @@
 //! Labels and annotations use upstream's names (`io.kubernetes.pod.*`,
 //! `io.kubernetes.container.*`) so that a runtime's state can be matched to pods after a crash
 //! and tools such as crictl show the same. Also here: the admission check of what this kubelet
-//! does not support yet, the QoS class, requests/limits to `LinuxContainerResources`, the
-//! environment with `$(VAR)` expansion and `fieldRef`, DNS, and the container hash.
+//! does not support yet, the QoS class, requests/limits to `LinuxContainerResources`,
+//! `$(VAR)` expansion and `fieldRef` (the environment itself is in [`super::env`]), volume
+//! paths and mounts (API-data volumes read-only, prepared subPaths, the managed `/etc/hosts`),
+//! DNS, and the container hash.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -15,7 +17,7 @@ use deckhand_proto::cri::{
     LinuxPodSandboxConfig, LinuxSandboxSecurityContext, Mount, NamespaceMode, NamespaceOption,
     PodSandboxConfig, PodSandboxMetadata, PortMapping, Protocol,
 };
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, Volume};
 
 use crate::quantity;
 
@@ -105,21 +107,31 @@ pub fn unsupported(pod: &Pod) -> Vec<String> {
     let s = spec(pod);
     let mut out = Vec::new();
     for v in s.volumes.iter().flatten() {
-        if v.empty_dir.is_none() && v.host_path.is_none() {
+        if v.host_path.is_none() && volume_plugin_dir(v).is_none() {
             out.push(format!(
-                "volume {:?}: only emptyDir and hostPath volumes are supported",
+                "volume {:?}: only emptyDir, hostPath, configMap, secret, downwardAPI and projected volumes are supported",
                 v.name
             ));
         }
-        if v.empty_dir
-            .as_ref()
-            .is_some_and(|e| e.medium.as_deref().is_some_and(|m| !m.is_empty()))
-        {
+        if v.empty_dir.as_ref().is_some_and(|e| {
+            e.medium
+                .as_deref()
+                .is_some_and(|m| !m.is_empty() && m != "Memory")
+        }) {
             out.push(format!("volume {:?}: emptyDir medium", v.name));
         }
-    }
-    if s.host_aliases.as_ref().is_some_and(|a| !a.is_empty()) {
-        out.push("hostAliases".into());
+        for src in v.projected.iter().flat_map(|p| p.sources.iter().flatten()) {
+            if src.config_map.is_none()
+                && src.secret.is_none()
+                && src.downward_api.is_none()
+                && src.service_account_token.is_none()
+            {
+                out.push(format!(
+                    "volume {:?}: projected sources other than configMap, secret, downwardAPI and serviceAccountToken",
+                    v.name
+                ));
+            }
+        }
     }
     if s.ephemeral_containers
         .as_ref()
@@ -139,14 +151,7 @@ pub fn unsupported(pod: &Pod) -> Vec<String> {
     for (c, init) in all {
         let n = &c.name;
         for (set, what) in [
-            (c.liveness_probe.is_some(), "livenessProbe"),
-            (c.readiness_probe.is_some(), "readinessProbe"),
-            (c.startup_probe.is_some(), "startupProbe"),
-            (c.lifecycle.is_some(), "lifecycle hooks"),
-            (
-                c.env_from.as_ref().is_some_and(|e| !e.is_empty()),
-                "envFrom",
-            ),
+            (super::probes::uses_grpc(c), "grpc probes"),
             (
                 init && c.restart_policy.is_some(),
                 "restartPolicy (sidecars)",
@@ -159,23 +164,6 @@ pub fn unsupported(pod: &Pod) -> Vec<String> {
         ] {
             if set {
                 out.push(format!("container {n:?}: {what}"));
-            }
-        }
-        for e in c.env.iter().flatten() {
-            if let Some(from) = &e.value_from
-                && from.field_ref.is_none()
-            {
-                out.push(format!(
-                    "container {n:?}: env {:?}: only value and fieldRef are supported",
-                    e.name
-                ));
-            }
-        }
-        for m in c.volume_mounts.iter().flatten() {
-            if m.sub_path.as_ref().is_some_and(|p| !p.is_empty())
-                || m.sub_path_expr.as_ref().is_some_and(|p| !p.is_empty())
-            {
-                out.push(format!("container {n:?}: volumeMount subPath"));
             }
         }
     }
@@ -349,7 +337,7 @@ pub struct RuntimeFacts {
 }
 
 /// A `fieldRef` value (upstream's `podFieldSelectorRuntimeValue` for the common paths).
-fn field_value(pod: &Pod, path: &str, facts: &RuntimeFacts) -> Result<String, String> {
+pub fn field_value(pod: &Pod, path: &str, facts: &RuntimeFacts) -> Result<String, String> {
     let m = &pod.metadata;
     let s = spec(pod);
     let key = |prefix: &str| {
@@ -390,35 +378,14 @@ fn field_value(pod: &Pod, path: &str, facts: &RuntimeFacts) -> Result<String, St
     })
 }
 
-/// A container's environment in order, with `$(VAR)` expanded against the variables before
-/// it. An error is a `CreateContainerConfigError`.
+/// A container's environment with nothing but the pod and `facts` (no ConfigMaps, Secrets or
+/// allocatable): see [`super::env::environment`].
 pub fn environment(
     pod: &Pod,
     c: &Container,
     facts: &RuntimeFacts,
 ) -> Result<Vec<KeyValue>, String> {
-    let mut out: Vec<KeyValue> = Vec::new();
-    let mut seen: HashMap<String, String> = HashMap::new();
-    for e in c.env.iter().flatten() {
-        let value = if let Some(from) = &e.value_from {
-            match &from.field_ref {
-                Some(f) => field_value(pod, &f.field_path, facts)?,
-                None => return Err(format!("env {:?}: unsupported valueFrom", e.name)),
-            }
-        } else {
-            let v = e.value.clone().unwrap_or_default();
-            expand(&v, &|n| seen.get(n).cloned())
-        };
-        seen.insert(e.name.clone(), value.clone());
-        match out.iter_mut().find(|kv| kv.key == e.name) {
-            Some(kv) => kv.value = value,
-            None => out.push(KeyValue {
-                key: e.name.clone(),
-                value,
-            }),
-        }
-    }
-    Ok(out)
+    super::env::environment(pod, c, facts, &super::env::Resolved::default())
 }
 
 /// A resolv.conf's servers, searches and options.
@@ -630,9 +597,39 @@ pub fn sandbox_config(
     }
 }
 
+/// The directory of volume `v`'s plugin under `<pods-dir>/<uid>/volumes/` (upstream's
+/// escaped plugin names); `None` for hostPath and what is not supported.
+pub fn volume_plugin_dir(v: &Volume) -> Option<&'static str> {
+    if v.empty_dir.is_some() {
+        Some("kubernetes.io~empty-dir")
+    } else if v.config_map.is_some() {
+        Some("kubernetes.io~configmap")
+    } else if v.secret.is_some() {
+        Some("kubernetes.io~secret")
+    } else if v.downward_api.is_some() {
+        Some("kubernetes.io~downward-api")
+    } else if v.projected.is_some() {
+        Some("kubernetes.io~projected")
+    } else {
+        None
+    }
+}
+
+/// Whether `v` holds API data (configMap, secret, downwardAPI, projected): mounted read-only.
+pub fn api_data_volume(v: &Volume) -> bool {
+    v.config_map.is_some()
+        || v.secret.is_some()
+        || v.downward_api.is_some()
+        || v.projected.is_some()
+}
+
+/// The pod's directory on the node: `<pods-dir>/<uid>`.
+pub fn pod_dir(pods_dir: &Path, pod: &Pod) -> PathBuf {
+    pods_dir.join(ids(pod).2)
+}
+
 /// Where a pod's volumes live on the node.
 pub fn volume_host_path(pods_dir: &Path, pod: &Pod, volume: &str) -> Option<PathBuf> {
-    let uid = ids(pod).2;
     let v = spec(pod)
         .volumes
         .iter()
@@ -641,11 +638,11 @@ pub fn volume_host_path(pods_dir: &Path, pod: &Pod, volume: &str) -> Option<Path
     if let Some(h) = &v.host_path {
         return Some(PathBuf::from(&h.path));
     }
-    v.empty_dir.as_ref()?;
+    let plugin = volume_plugin_dir(v)?;
     Some(
-        pods_dir
-            .join(uid)
-            .join("volumes/kubernetes.io~empty-dir")
+        pod_dir(pods_dir, pod)
+            .join("volumes")
+            .join(plugin)
             .join(volume),
     )
 }
@@ -672,8 +669,18 @@ pub fn container_config(
     c: &Container,
     inputs: &ContainerInputs<'_>,
 ) -> Result<ContainerConfig, String> {
+    container_config_with(pod, c, inputs, &super::env::Resolved::default())
+}
+
+/// [`container_config`] with the ConfigMaps, Secrets and allocatable the pod refers to.
+pub fn container_config_with(
+    pod: &Pod,
+    c: &Container,
+    inputs: &ContainerInputs<'_>,
+    resolved: &super::env::Resolved,
+) -> Result<ContainerConfig, String> {
     let (name, ns, uid) = ids(pod);
-    let envs = environment(pod, c, inputs.facts)?;
+    let envs = super::env::environment(pod, c, inputs.facts, resolved)?;
     let lookup = |n: &str| {
         envs.iter()
             .find(|kv| kv.key == n)
@@ -729,13 +736,39 @@ pub fn container_config(
         );
     }
     let mut mounts = Vec::new();
-    for m in c.volume_mounts.iter().flatten() {
+    for (i, m) in c.volume_mounts.iter().flatten().enumerate() {
+        let volume = spec(pod)
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == m.name);
         let host = volume_host_path(inputs.pods_dir, pod, &m.name)
             .ok_or_else(|| format!("volumeMount {:?}: no volume of that name", m.name))?;
+        let sub = m.sub_path.as_deref().is_some_and(|p| !p.is_empty())
+            || m.sub_path_expr.as_deref().is_some_and(|p| !p.is_empty());
+        let host = match resolved.sub_paths.get(&i) {
+            Some(p) => p.clone(),
+            None if sub => {
+                return Err(format!(
+                    "volumeMount {:?}: the subPath was not prepared",
+                    m.name
+                ));
+            }
+            None => host,
+        };
         mounts.push(Mount {
             container_path: m.mount_path.clone(),
             host_path: host.display().to_string(),
-            readonly: m.read_only.unwrap_or(false),
+            readonly: m.read_only.unwrap_or(false) || volume.is_some_and(api_data_volume),
+            ..Default::default()
+        });
+    }
+    if let Some(hosts) = &resolved.etc_hosts
+        && !mounts.iter().any(|m| m.container_path == "/etc/hosts")
+    {
+        mounts.push(Mount {
+            container_path: "/etc/hosts".into(),
+            host_path: hosts.display().to_string(),
             ..Default::default()
         });
     }
@@ -949,12 +982,13 @@ mod tests {
     #[test]
     fn unsupported_fields_are_named() {
         let p = pod(serde_json::json!({"spec": {"containers": [{"name": "c",
-            "livenessProbe": {"exec": {"command": ["true"]}}}],
-            "volumes": [{"name": "s", "secret": {"secretName": "x"}}, {"name": "e", "emptyDir": {}}]}}));
+            "livenessProbe": {"grpc": {"port": 1}}}],
+            "volumes": [{"name": "s", "nfs": {"server": "x", "path": "/"}}, {"name": "e", "emptyDir": {}},
+                {"name": "m", "emptyDir": {"medium": "Memory"}}, {"name": "c", "secret": {"secretName": "x"}}]}}));
         let u = unsupported(&p);
         assert_eq!(u.len(), 2, "{u:?}");
         assert!(u[0].contains("\"s\""));
-        assert!(u[1].contains("livenessProbe"));
+        assert!(u[1].contains("grpc probes"));
     }
 
     #[test]

@@ -88,6 +88,18 @@ pub struct Observed<'a> {
     pub start_time: Option<Time>,
     /// A sandbox exists (ContainerCreating vs PodInitializing).
     pub sandbox_ready: bool,
+    /// What the probes say of running containers that have probes, by name (the others are
+    /// started and ready while they run).
+    pub probed: HashMap<String, Probed>,
+}
+
+/// A running container's probe results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probed {
+    /// The startup probe succeeded (or there is none).
+    pub started: bool,
+    /// Started, and the readiness probe succeeds (or there is none).
+    pub ready: bool,
 }
 
 fn time(ns: i64) -> Option<Time> {
@@ -186,6 +198,7 @@ pub fn container_status(
         ),
     };
     let running = state.running.is_some();
+    let probed = obs.probed.get(&c.name);
     ContainerStatus {
         name: c.name.clone(),
         image: c.image.clone().unwrap_or_default(),
@@ -193,8 +206,8 @@ pub fn container_status(
             .map(|i| i.status.image_ref.clone())
             .unwrap_or_default(),
         container_id: latest.map(|i| format!("{rt}://{}", i.status.id)),
-        ready: running,
-        started: Some(running),
+        ready: running && probed.is_none_or(|p| p.ready),
+        started: Some(running && probed.is_none_or(|p| p.started)),
         restart_count: latest.map_or(0, |i| i32::try_from(i.restart_count()).unwrap_or(i32::MAX)),
         last_state: last.map(|t| ContainerState {
             terminated: Some(t),
@@ -510,6 +523,39 @@ mod tests {
         assert_eq!(s.qos_class.as_deref(), Some("BestEffort"));
         // The same observation again is the same status.
         assert!(same(&s, &pod_status(&p, &obs, Some(&s))));
+    }
+
+    #[test]
+    fn probes_decide_started_and_ready() {
+        let i = inst("i", CriState::ContainerExited, 0, 0, "i1");
+        let c = inst("c", CriState::ContainerRunning, 0, 0, "c1");
+        let obs = |started, ready| Observed {
+            instances: HashMap::from([("i".into(), vec![&i]), ("c".into(), vec![&c])]),
+            sandbox_ready: true,
+            probed: HashMap::from([("c".into(), Probed { started, ready })]),
+            ..Default::default()
+        };
+        let p = pod("Always");
+        let s = pod_status(&p, &obs(false, false), None);
+        let cs = &s.container_statuses.as_ref().expect("statuses")[0];
+        assert_eq!((cs.started, cs.ready), (Some(false), false));
+        assert!(cs.state.as_ref().is_some_and(|s| s.running.is_some()));
+        assert_eq!(s.phase.as_deref(), Some("Running"));
+        let cond = |s: &PodStatus, t: &str| {
+            s.conditions
+                .iter()
+                .flatten()
+                .find(|c| c.type_ == t)
+                .map(|c| c.status.clone())
+        };
+        assert_eq!(cond(&s, "Ready").as_deref(), Some("False"));
+        assert_eq!(cond(&s, "ContainersReady").as_deref(), Some("False"));
+        let s = pod_status(&p, &obs(true, false), Some(&s));
+        let cs = &s.container_statuses.as_ref().expect("statuses")[0];
+        assert_eq!((cs.started, cs.ready), (Some(true), false));
+        let s = pod_status(&p, &obs(true, true), Some(&s));
+        assert_eq!(cond(&s, "Ready").as_deref(), Some("True"));
+        assert_eq!(cond(&s, "ContainersReady").as_deref(), Some("True"));
     }
 
     #[test]

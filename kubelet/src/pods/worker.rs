@@ -10,6 +10,12 @@
 //! then, once the runtime shows nothing left, deleted from the API server (grace period 0 with
 //! the UID as precondition). Nothing is kept that the runtime and the API cannot give back:
 //! after a kubelet restart a worker finds its containers running and leaves them alone.
+//!
+//! Running containers with probes get their probe tasks ([`super::probes`]); a probe result
+//! that changes wakes the worker, which puts `started`/`ready` into the status and kills a
+//! container whose liveness or startup probe failed. postStart runs right after
+//! StartContainer and preStop before every StopContainer of a running container
+//! ([`super::hooks`]). The steps are recorded as Events ([`crate::events`]), fire and forget.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -24,9 +30,12 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use serde_json::json;
 use tokio::sync::{OnceCell, mpsc, watch};
 
+use super::hooks::{self, Hook};
+use super::probes::{self, PodProbes};
 use super::spec::{self, ContainerInputs, RuntimeFacts};
 use super::status::{self, Instance, Observed, Waiting};
 use super::{Desired, ManagerEvent, Source};
+use crate::events::EventType;
 use crate::reconcile::{Action, Backoff, Reconciler};
 use crate::runtime::{RuntimeClient, RuntimeError};
 
@@ -66,6 +75,10 @@ pub struct Context {
     pub host_dns: DnsConfig,
     /// The runtime's name (`containerd`), for container IDs.
     pub runtime_name: OnceCell<String>,
+    /// Events about pods.
+    pub events: crate::events::Recorder,
+    /// `ExecSync` for probes and hooks.
+    pub exec: Arc<probes::ExecClient>,
 }
 
 /// An error of one pod reconcile.
@@ -95,6 +108,9 @@ pub enum PodError {
         #[source]
         source: std::io::Error,
     },
+    /// A volume could not be set up.
+    #[error("setting up volumes: {0}")]
+    Volume(String),
 }
 
 #[derive(Debug, Clone)]
@@ -118,6 +134,10 @@ pub struct PodWorker {
     finished: bool,
     /// The phase last computed (or the API's at start): a terminal pod is not synced again.
     phase: Option<String>,
+    /// The probes of the running containers.
+    probes: PodProbes,
+    /// The pod's IP last seen (for hooks).
+    pod_ip: String,
 }
 
 /// What the runtime has of the pod.
@@ -179,6 +199,10 @@ impl PodWorker {
     ) -> PodWorker {
         let previous = desired.borrow().pod.status.clone();
         let previous_phase = previous.as_ref().and_then(|s| s.phase.clone());
+        let previous_ip = previous
+            .as_ref()
+            .and_then(|s| s.pod_ip.clone())
+            .unwrap_or_default();
         PodWorker {
             uid,
             ctx,
@@ -192,6 +216,8 @@ impl PodWorker {
             errors: Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
             finished: false,
             phase: previous_phase,
+            probes: PodProbes::default(),
+            pod_ip: previous_ip,
         }
     }
 
@@ -254,7 +280,13 @@ impl PodWorker {
 
     /// Stops every container and sandbox of the pod; with `remove`, removes the sandboxes and
     /// the pod's directories too.
-    async fn kill(&self, obs: &Runtime, grace: i64, remove: bool) -> Result<(), PodError> {
+    async fn kill(
+        &self,
+        pod: &Pod,
+        obs: &Runtime,
+        grace: i64,
+        remove: bool,
+    ) -> Result<(), PodError> {
         let rt = &self.ctx.runtime;
         let running: Vec<&Instance> = obs
             .instances
@@ -263,7 +295,9 @@ impl PodWorker {
             .collect();
         let stops = running.iter().map(|i| async move {
             tracing::info!(pod_uid = %self.uid, container = i.name(), grace, "stopping container");
-            rt.stop_container(&i.status.id, grace).await
+            let message = format!("Stopping container {}", i.name());
+            self.stop_one(pod, i.name(), &i.status.id, grace, &message, i.running())
+                .await
         });
         for r in futures::future::join_all(stops).await {
             match r {
@@ -282,12 +316,57 @@ impl PodWorker {
         Ok(())
     }
 
+    /// Stops one container as upstream's `killContainer`: the Killing event, the preStop
+    /// hook (when `running`) within `grace`, then StopContainer with the rest of it.
+    async fn stop_one(
+        &self,
+        pod: &Pod,
+        name: &str,
+        id: &str,
+        grace: i64,
+        message: &str,
+        running: bool,
+    ) -> Result<(), RuntimeError> {
+        self.ctx
+            .events
+            .event(pod, Some(name), EventType::Normal, "Killing", message);
+        let s = spec::spec(pod);
+        let c = s
+            .containers
+            .iter()
+            .chain(s.init_containers.iter().flatten())
+            .find(|c| c.name == name);
+        let grace = match c {
+            Some(c) if running && hooks::has(c, Hook::PreStop) => {
+                hooks::pre_stop(
+                    &self.ctx.exec,
+                    &self.ctx.events,
+                    pod,
+                    c,
+                    id,
+                    &self.pod_ip,
+                    grace,
+                )
+                .await
+            }
+            _ => grace,
+        };
+        self.ctx.runtime.stop_container(id, grace).await
+    }
+
     fn cleanup_dirs(&self, pod: &Pod) {
+        let pod_dir = self.ctx.pods_dir.join(&self.uid);
+        // Never remove through a mount that is still there (a hostPath subPath bind).
+        let unmounted = super::volumes::teardown(&pod_dir);
         let dirs = [
-            self.ctx.pods_dir.join(&self.uid),
+            pod_dir.clone(),
             spec::log_directory(&self.ctx.logs_root, pod),
         ];
         for d in dirs {
+            if d == pod_dir && !unmounted {
+                tracing::warn!(dir = %d.display(), "mounts are left beneath the pod's directory: not removing it");
+                continue;
+            }
             if let Err(e) = std::fs::remove_dir_all(&d)
                 && e.kind() != std::io::ErrorKind::NotFound
             {
@@ -301,11 +380,12 @@ impl PodWorker {
     async fn terminate(&mut self, d: &Desired) -> Result<Action, PodError> {
         let pod = &d.pod;
         let grace = spec::grace_period(pod);
+        self.probes.stop_all();
         let obs = self.observe().await?;
         if !obs.sandboxes.is_empty() {
             tracing::info!(pod = %spec::full_name(pod), pod_uid = %self.uid, grace, "killing the pod");
         }
-        self.kill(&obs, grace, true).await?;
+        self.kill(pod, &obs, grace, true).await?;
         let left = self.observe().await?;
         if !left.sandboxes.is_empty() {
             return Err(PodError::Remaining(left.sandboxes.len()));
@@ -347,9 +427,14 @@ impl PodWorker {
     /// Ensures `c`'s image per its pull policy; on failure records the waiting reason.
     async fn ensure_image(
         &mut self,
+        pod: &Pod,
         c: &Container,
         sandbox: &cri::PodSandboxConfig,
     ) -> Result<Option<String>, PodError> {
+        let events = self.ctx.events.clone();
+        let event = |t: EventType, reason: &str, message: String| {
+            events.event(pod, Some(&c.name), t, reason, message)
+        };
         let image = c.image.clone().unwrap_or_default();
         let policy = spec::pull_policy(c).to_string();
         let present = match self.ctx.runtime.image_status(&image).await? {
@@ -359,9 +444,19 @@ impl PodWorker {
         if policy != "Always"
             && let Some(id) = present
         {
+            event(
+                EventType::Normal,
+                "Pulled",
+                format!("Container image {image:?} already present on machine"),
+            );
             return Ok(Some(id));
         }
         if policy == "Never" {
+            event(
+                EventType::Warning,
+                "ErrImageNeverPull",
+                format!("Container image {image:?} is not present with pull policy of Never"),
+            );
             self.waiting.insert(
                 c.name.clone(),
                 Waiting {
@@ -377,6 +472,11 @@ impl PodWorker {
         if let Some(b) = self.pulls.get(&image)
             && now < b.last + b.delay
         {
+            event(
+                EventType::Normal,
+                "BackOff",
+                format!("Back-off pulling image {image:?}"),
+            );
             self.waiting.insert(
                 c.name.clone(),
                 Waiting {
@@ -387,19 +487,29 @@ impl PodWorker {
             return Ok(None);
         }
         tracing::info!(pod_uid = %self.uid, %image, "pulling image");
-        match self
-            .ctx
-            .runtime
-            .pull_image(&image, None, Some(sandbox.clone()))
-            .await
-        {
+        event(
+            EventType::Normal,
+            "Pulling",
+            format!("Pulling image {image:?}"),
+        );
+        match super::secrets::pull_image(&self.ctx, pod, &image, sandbox).await {
             Ok(r) => {
                 self.pulls.remove(&image);
                 tracing::info!(pod_uid = %self.uid, %image, image_ref = %r, "pulled image");
+                event(
+                    EventType::Normal,
+                    "Pulled",
+                    format!("Successfully pulled image {image:?}"),
+                );
                 Ok(Some(r))
             }
             Err(e) => {
                 tracing::warn!(pod_uid = %self.uid, %image, "pulling image: {e}");
+                event(
+                    EventType::Warning,
+                    "Failed",
+                    format!("Failed to pull image {image:?}: {e}"),
+                );
                 let b = self.pulls.entry(image.clone()).or_insert(RestartBackoff {
                     delay: Duration::ZERO,
                     last: now,
@@ -430,7 +540,7 @@ impl PodWorker {
         let Some(sb) = obs.current() else {
             return Ok(());
         };
-        let Some(image_ref) = self.ensure_image(c, sandbox_config).await? else {
+        let Some(image_ref) = self.ensure_image(pod, c, sandbox_config).await? else {
             return Ok(());
         };
         let restart_count = obs.next_restart_count(&c.name);
@@ -441,7 +551,7 @@ impl PodWorker {
             pods_dir: &self.ctx.pods_dir,
             facts,
         };
-        let mut config = match spec::container_config(pod, c, &inputs) {
+        let mut config = match super::volumes::container_config(&self.ctx, pod, c, &inputs).await {
             Ok(cfg) => cfg,
             Err(message) => {
                 self.waiting.insert(
@@ -461,13 +571,41 @@ impl PodWorker {
         let id = rt
             .create_container(&sb.id, config, sandbox_config.clone())
             .await?;
-        rt.start_container(&id).await?;
+        let created = format!("Created container {}", c.name);
+        let events = &self.ctx.events;
+        events.event(pod, Some(&c.name), EventType::Normal, "Created", created);
+        self.start_created(pod, c, &id, facts).await?;
         self.waiting.remove(&c.name);
         tracing::info!(pod = %spec::full_name(pod), container = %c.name, restart_count, container_id = %id, "started container");
         // Keep the newest dead instance (lastState); remove older ones.
         for old in obs.of(&c.name).iter().filter(|i| i.exited()).skip(1) {
             if let Err(e) = rt.remove_container(&old.status.id).await {
                 tracing::debug!("removing an old container: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the created container `id` of `c`, then runs its postStart hook; a failed
+    /// hook kills the container (it restarts per restartPolicy), as upstream.
+    async fn start_created(
+        &self,
+        pod: &Pod,
+        c: &Container,
+        id: &str,
+        facts: &RuntimeFacts,
+    ) -> Result<(), PodError> {
+        self.ctx.runtime.start_container(id).await?;
+        let events = &self.ctx.events;
+        let started = format!("Started container {}", c.name);
+        events.event(pod, Some(&c.name), EventType::Normal, "Started", started);
+        if hooks::has(c, Hook::PostStart) {
+            let ip = facts.pod_ips.first().cloned().unwrap_or_default();
+            if let Err(msg) = hooks::post_start(&self.ctx.exec, events, pod, c, id, &ip).await {
+                tracing::warn!(pod = %spec::full_name(pod), container = %c.name, "postStart hook failed: {msg}");
+                let grace = spec::grace_period(pod);
+                self.stop_one(pod, &c.name, id, grace, "FailedPostStartHook", true)
+                    .await?;
             }
         }
         Ok(())
@@ -496,6 +634,13 @@ impl PodWorker {
             && now < b.last + b.delay
         {
             let left = b.last + b.delay - now;
+            self.ctx.events.event(
+                pod,
+                Some(&c.name),
+                EventType::Warning,
+                "BackOff",
+                "Back-off restarting failed container",
+            );
             self.waiting.insert(
                 c.name.clone(),
                 Waiting {
@@ -542,7 +687,7 @@ impl PodWorker {
                 .map_or(0, |m| m.attempt + 1);
             if !obs.sandboxes.is_empty() {
                 tracing::info!(pod = %spec::full_name(pod), "sandbox not ready: starting a new one");
-                self.kill(obs, spec::grace_period(pod), false).await?;
+                self.kill(pod, obs, spec::grace_period(pod), false).await?;
             }
             let config = self.sandbox_config(pod, attempt);
             for dir in [PathBuf::from(&config.log_directory)].into_iter().chain(
@@ -580,6 +725,9 @@ impl PodWorker {
             pod_ips,
             node_name: self.ctx.node_name.clone(),
         };
+        let volumes_due = super::volumes::setup(&self.ctx, pod)
+            .await
+            .map_err(PodError::Volume)?;
         for c in s.init_containers.iter().flatten() {
             let latest = obs
                 .of(&c.name)
@@ -604,7 +752,7 @@ impl PodWorker {
                 }
                 Some((cri::ContainerState::ContainerCreated, _)) => {
                     let id = obs.of(&c.name)[0].status.id.clone();
-                    self.ctx.runtime.start_container(&id).await?;
+                    self.start_created(pod, c, &id, &facts).await?;
                     return Ok(Next::Events);
                 }
                 Some(_) => return Ok(Next::Events),
@@ -636,24 +784,45 @@ impl PodWorker {
                 }
                 Some((cri::ContainerState::ContainerCreated, _)) => {
                     let id = obs.of(&c.name)[0].status.id.clone();
-                    self.ctx.runtime.start_container(&id).await?;
+                    self.start_created(pod, c, &id, &facts).await?;
                 }
                 Some((cri::ContainerState::ContainerRunning, _)) => {
-                    // The spec changed (the image, the only mutable field): replace it.
                     let running = obs.of(&c.name)[0];
+                    if let Some(state) = self.probes.state(&running.status.id)
+                        && let Some(message) = state.kill
+                    {
+                        // A failed liveness or startup probe: kill it; it restarts per
+                        // restartPolicy once the runtime shows it exited.
+                        let grace = state.kill_grace.unwrap_or_else(|| spec::grace_period(pod));
+                        let id = running.status.id.clone();
+                        tracing::info!(pod = %spec::full_name(pod), container = %c.name, "{message}");
+                        self.stop_one(pod, &c.name, &id, grace, &message, true)
+                            .await?;
+                        continue;
+                    }
+                    // The spec changed (the image, the only mutable field): replace it.
                     let hash = running.status.annotations.get(spec::CONTAINER_HASH);
                     if hash.is_some_and(|h| *h != spec::container_hash(c)) {
                         let id = running.status.id.clone();
                         tracing::info!(pod = %spec::full_name(pod), container = %c.name, "container spec changed: restarting it");
-                        self.ctx
-                            .runtime
-                            .stop_container(&id, spec::grace_period(pod))
+                        let message =
+                            format!("Container {} definition changed, will be restarted", c.name);
+                        let grace = spec::grace_period(pod);
+                        self.stop_one(pod, &c.name, &id, grace, &message, true)
                             .await?;
                         self.start(pod, c, obs, &sandbox_config, &facts).await?;
                     }
                 }
                 Some(_) => {}
             }
+        }
+        if self
+            .waiting
+            .values()
+            .any(|w| w.reason == "CreateContainerConfigError")
+        {
+            // The ConfigMap or Secret may appear: try again.
+            next = Next::After(super::volumes::CONFIG_ERROR_RETRY);
         }
         if self.waiting.values().any(|w| w.reason == "ErrImagePull") {
             // ErrImagePull stays visible for a moment, then the wait shows as ImagePullBackOff.
@@ -670,6 +839,13 @@ impl PodWorker {
                 .min()
                 .unwrap_or(RESTART_BACKOFF_INITIAL);
             next = Next::After(soonest.max(Duration::from_millis(100)));
+        }
+        if let Some(due) = volumes_due {
+            // Volumes of API data are rewritten periodically.
+            next = match next {
+                Next::After(d) if d < due => Next::After(d),
+                _ => Next::After(due),
+            };
         }
         Ok(next)
     }
@@ -789,7 +965,42 @@ impl Reconciler for PodWorker {
             pod_ips.extend(Some(n.ip).filter(|i| !i.is_empty()));
             pod_ips.extend(n.additional_ips.into_iter().map(|i| i.ip));
         }
+        self.pod_ip = if spec::host_network(&pod) {
+            self.ctx.node_ip.clone()
+        } else {
+            pod_ips.first().cloned().unwrap_or_default()
+        };
+        let targets: Vec<probes::Target> = spec::spec(&pod)
+            .containers
+            .iter()
+            .filter_map(|c| by_name.get(&c.name)?.first().copied())
+            .filter(|i| i.running())
+            .map(|i| probes::Target {
+                name: i.name().to_string(),
+                id: i.status.id.clone(),
+                started_at: i.status.started_at,
+            })
+            .collect();
+        let env = probes::Env {
+            exec: self.ctx.exec.clone(),
+            events: self.ctx.events.clone(),
+            wake: self.events.clone(),
+        };
+        self.probes.sync(&env, &pod, &targets, &self.pod_ip);
+        let probed = self
+            .probes
+            .by_name()
+            .into_iter()
+            .map(|(name, s)| {
+                let p = status::Probed {
+                    started: s.started,
+                    ready: s.ready,
+                };
+                (name, p)
+            })
+            .collect();
         let observed = Observed {
+            probed,
             instances: by_name,
             waiting: self.waiting.clone(),
             pod_ips,

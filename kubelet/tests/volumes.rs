@@ -1,0 +1,914 @@
+//! deckhand-kubelet's env sources and volumes against the test bed, in the style of pods.rs
+//! (whose helpers are copied here): the built kubelet runs with node credentials, pods are
+//! created through an admin client with `spec.nodeName` set to the test's node (hostNetwork:
+//! the test bed's containerd has no CNI config), and what the containers see is checked from
+//! inside them (their output, or ExecSync through the CRI).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use deckhand_proto::cri::runtime_service_client::RuntimeServiceClient;
+use deckhand_proto::cri::{
+    ExecSyncRequest, ListPodSandboxRequest, PodSandboxFilter, RemovePodSandboxRequest,
+    StopPodSandboxRequest,
+};
+use deckhand_tests::images::BUSYBOX;
+use deckhand_tests::testbed::{Testbed, unique_name};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Secret};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+/// A free loopback port, for the kubelet's HTTPS server (tests never listen beyond loopback).
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+const CONFIG_HEAD: &str = "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nnodeStatusUpdateFrequency: 2s\nnodeLeaseDurationSeconds: 8\n";
+
+/// The CRI endpoint the kubelet under test uses: the one line to switch to deckhand-cri.
+fn cri_endpoint() -> PathBuf {
+    Testbed::get().containerd_socket()
+}
+
+fn busybox() -> String {
+    format!("{}/{}", Testbed::get().registry(), BUSYBOX)
+}
+
+/// A kubelet, its namespace and what to clean up.
+struct Bed {
+    node: String,
+    ns: String,
+    client: kube::Client,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    args: Vec<String>,
+    passed: bool,
+}
+
+impl Bed {
+    /// A namespace and a kubelet for a new node; `static_dir` enables static pods.
+    async fn start(prefix: &str, static_dir: bool) -> Result<Bed> {
+        Bed::start_with(prefix, static_dir, true).await
+    }
+
+    /// As [`Bed::start`]; `api` false runs the kubelet standalone (no kubeconfig).
+    async fn start_with(prefix: &str, static_dir: bool, api: bool) -> Result<Bed> {
+        let tb = Testbed::get();
+        let client = tb.kube_client().await?;
+        let ns = tb.create_namespace(&client, prefix).await?;
+        let node = unique_name(prefix);
+        let dir = tempfile::Builder::new()
+            .prefix("dh-kubelet-pods-")
+            .tempdir()?;
+        let mut bed = Bed {
+            node,
+            ns,
+            client,
+            dir,
+            child: None,
+            args: Vec::new(),
+            passed: false,
+        };
+        let creds = bed.dir.path().join("creds");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/testbed/controlplane.sh");
+        let out = Command::new(&script)
+            .arg("node-credentials")
+            .arg(tb.dir())
+            .arg(&bed.node)
+            .arg(&creds)
+            .output()
+            .with_context(|| format!("running {}", script.display()))?;
+        ensure!(
+            out.status.success(),
+            "node-credentials failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let config = bed.dir.path().join("config.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "{CONFIG_HEAD}address: 127.0.0.1\nport: {}\npodLogsDir: {}\n",
+                free_port()?,
+                bed.dir.path().join("logs").display()
+            ),
+        )?;
+        let p = |p: PathBuf| p.display().to_string();
+        bed.args = vec![
+            "--config".into(),
+            p(config),
+            "--hostname-override".into(),
+            bed.node.clone(),
+            "--node-ip=127.0.0.1".into(),
+            "--root-dir".into(),
+            p(bed.dir.path().join("root")),
+            "--container-runtime-endpoint".into(),
+            format!("unix://{}", cri_endpoint().display()),
+        ];
+        if api {
+            bed.args.push("--kubeconfig".into());
+            bed.args.push(p(creds.join("kubeconfig")));
+        }
+        if static_dir {
+            std::fs::create_dir_all(bed.static_dir())?;
+            bed.args.push("--pod-manifest-path".into());
+            bed.args.push(p(bed.static_dir()));
+        }
+        bed.spawn()?;
+        Ok(bed)
+    }
+
+    /// Marks the test passed (the kubelet's log is printed otherwise).
+    fn pass(mut self) -> Result<()> {
+        self.passed = true;
+        Ok(())
+    }
+
+    fn static_dir(&self) -> PathBuf {
+        self.dir.path().join("manifests")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("kubelet.log")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let child = Command::new(env!("CARGO_BIN_EXE_deckhand-kubelet"))
+            .args(&self.args)
+            .env("RUST_LOG", "info,deckhand_kubelet=debug")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting deckhand-kubelet")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    /// Creates a pod bound to this node from `spec` (hostNetwork, no service account token,
+    /// a 2 s grace period unless `spec` says otherwise).
+    async fn create_pod(&self, name: &str, spec: serde_json::Value) -> Result<Pod> {
+        let mut s = json!({
+            "hostNetwork": true,
+            "automountServiceAccountToken": false,
+            "terminationGracePeriodSeconds": 2,
+            "nodeName": self.node,
+        });
+        if let (Some(base), Some(extra)) = (s.as_object_mut(), spec.as_object()) {
+            for (k, v) in extra {
+                base.insert(k.clone(), v.clone());
+            }
+        }
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": { "name": name, "namespace": self.ns },
+            "spec": s,
+        }))?;
+        Ok(self.pods().create(&PostParams::default(), &pod).await?)
+    }
+
+    /// Waits up to `limit` for `check` on the pod to give `Some`.
+    async fn wait_pod<T>(
+        &self,
+        name: &str,
+        limit: Duration,
+        what: &str,
+        check: impl Fn(&Pod) -> std::result::Result<T, String>,
+    ) -> Result<T> {
+        let pods = self.pods();
+        eventually(limit, what, || async {
+            Ok(match pods.get_opt(name).await? {
+                Some(p) => check(&p),
+                None => Err("no pod".to_string()),
+            })
+        })
+        .await
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking()
+            || !self.passed
+            || std::env::var_os("DH_SHOW_KUBELET_LOG").is_some()
+        {
+            eprintln!(
+                "--- deckhand-kubelet log ({}) ---\n{}",
+                self.node,
+                self.log()
+            );
+        }
+        let (node, ns) = (self.node.clone(), self.ns.clone());
+        let cleanup = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let removed = remove_node_sandboxes(&node).await;
+                let client = Testbed::get().kube_client().await?;
+                let force = DeleteParams {
+                    grace_period_seconds: Some(0),
+                    ..Default::default()
+                };
+                let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+                if let Ok(list) = pods.list(&ListParams::default()).await {
+                    for p in list {
+                        if let Some(n) = p.metadata.name {
+                            let _ = pods.delete(&n, &force).await;
+                        }
+                    }
+                }
+                // Mirror pods of static pods live in the manifest's namespace (the test's).
+                let dp = DeleteParams::default();
+                let _ = Api::<Namespace>::all(client.clone()).delete(&ns, &dp).await;
+                let _ = Api::<Node>::all(client.clone()).delete(&node, &dp).await;
+                let _ = Api::<Lease>::namespaced(client, "kube-node-lease")
+                    .delete(&node, &dp)
+                    .await;
+                removed
+            })
+        });
+        match cleanup.join() {
+            Ok(Err(e)) => eprintln!("cleaning up node {}: {e:#}", self.node),
+            Err(_) => eprintln!("cleaning up node {}: panicked", self.node),
+            Ok(Ok(())) => {}
+        }
+        // Whatever the kubelet left mounted under its directory (tmpfs emptyDirs, subPath
+        // binds), so that the directory can be removed.
+        unmount_beneath(self.dir.path());
+    }
+}
+
+/// Stops and removes every sandbox the kubelet of `node` made, and the pods' cgroups.
+async fn remove_node_sandboxes(node: &str) -> Result<()> {
+    let mut cri = runtime().await?;
+    let sandboxes = cri
+        .list_pod_sandbox(ListPodSandboxRequest {
+            filter: Some(PodSandboxFilter {
+                label_selector: HashMap::from([("deckhand.io/node".to_string(), node.to_string())]),
+                ..Default::default()
+            }),
+        })
+        .await?
+        .into_inner()
+        .items;
+    for s in sandboxes {
+        let _ = cri
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: s.id.clone(),
+            })
+            .await;
+        cri.remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: s.id.clone(),
+        })
+        .await?;
+        if let Some(uid) = s.labels.get("io.kubernetes.pod.uid") {
+            for root in cgroup_roots() {
+                for qos in ["", "burstable/", "besteffort/"] {
+                    let _ = std::fs::remove_dir(root.join(format!("kubepods/{qos}pod{uid}")));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Unmounts every mount point beneath `dir`, deepest first.
+fn unmount_beneath(dir: &Path) {
+    let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<PathBuf> = mi
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(PathBuf::from)
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    points.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    for m in points {
+        if let Err(e) = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH) {
+            eprintln!("unmounting {}: {e}", m.display());
+        }
+    }
+}
+
+fn cgroup_roots() -> Vec<PathBuf> {
+    let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    mi.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let sep = f.iter().position(|x| *x == "-")?;
+            matches!(f.get(sep + 1), Some(&"cgroup") | Some(&"cgroup2"))
+                .then(|| PathBuf::from(f[4]))
+        })
+        .collect()
+}
+
+async fn runtime() -> Result<RuntimeServiceClient<tonic::transport::Channel>> {
+    let channel = deckhand_proto::unix::connect_path(&cri_endpoint()).await?;
+    Ok(RuntimeServiceClient::new(channel))
+}
+
+/// Polls `check` every 200 ms until it gives `Ok`, or fails after `limit` with its last reason.
+async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<std::result::Result<T, String>>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        let last = match check().await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(why)) => why,
+            Err(e) => format!("{e:#}"),
+        };
+        if Instant::now() > deadline {
+            bail!("{what}: not within {limit:?}; last: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn phase(p: &Pod) -> &str {
+    p.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .unwrap_or_default()
+}
+
+const LONG: Duration = Duration::from_secs(90);
+
+impl Bed {
+    async fn config_map(&self, name: &str, data: serde_json::Value) -> Result<()> {
+        let cm: ConfigMap = serde_json::from_value(json!({
+            "metadata": { "name": name, "namespace": self.ns }, "data": data }))?;
+        Api::<ConfigMap>::namespaced(self.client.clone(), &self.ns)
+            .create(&PostParams::default(), &cm)
+            .await?;
+        Ok(())
+    }
+
+    async fn secret(&self, name: &str, type_: &str, string_data: serde_json::Value) -> Result<()> {
+        let s: Secret = serde_json::from_value(json!({
+            "metadata": { "name": name, "namespace": self.ns },
+            "type": type_, "stringData": string_data }))?;
+        Api::<Secret>::namespaced(self.client.clone(), &self.ns)
+            .create(&PostParams::default(), &s)
+            .await?;
+        Ok(())
+    }
+
+    /// Waits for the pod to run and gives its (first) container's runtime ID.
+    async fn running(&self, name: &str) -> Result<String> {
+        self.wait_pod(name, LONG, "pod Running", |p| {
+            let cs = p
+                .status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .and_then(|c| c.first());
+            match cs {
+                Some(c) if c.state.as_ref().is_some_and(|s| s.running.is_some()) => c
+                    .container_id
+                    .as_deref()
+                    .and_then(|i| i.split_once("://"))
+                    .map(|(_, id)| id.to_string())
+                    .ok_or_else(|| format!("no container id in {c:?}")),
+                _ => Err(format!("status {:?}", p.status)),
+            }
+        })
+        .await
+    }
+
+    /// Waits for the pod to succeed and gives the output of `container` (its CRI log).
+    async fn output(&self, name: &str, container: &str) -> Result<String> {
+        let pod = self
+            .wait_pod(name, LONG, "pod Succeeded", |p| {
+                if phase(p) == "Succeeded" {
+                    Ok(p.clone())
+                } else {
+                    Err(format!("status {:?}", p.status))
+                }
+            })
+            .await?;
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let path = self
+            .dir
+            .path()
+            .join("logs")
+            .join(format!("{}_{name}_{uid}", self.ns))
+            .join(container)
+            .join("0.log");
+        let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+        // CRI log lines: `<time> <stream> <tag> <text>`.
+        Ok(text
+            .lines()
+            .filter_map(|l| l.splitn(4, ' ').nth(3))
+            .map(|l| format!("{l}\n"))
+            .collect())
+    }
+}
+
+/// Runs `cmd` in container `id` through the CRI: exit code and stdout.
+async fn exec(id: &str, cmd: &[&str]) -> Result<(i32, String)> {
+    let mut cri = runtime().await?;
+    let r = cri
+        .exec_sync(ExecSyncRequest {
+            container_id: id.to_string(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout: 10,
+        })
+        .await?
+        .into_inner();
+    Ok((r.exit_code, String::from_utf8_lossy(&r.stdout).into_owned()))
+}
+
+/// `cat` of `path` in container `id`.
+async fn cat(id: &str, path: &str) -> Result<String> {
+    let (code, out) = exec(id, &["cat", path]).await?;
+    ensure!(code == 0, "cat {path}: exit {code}");
+    Ok(out)
+}
+
+/// The permission bits of `path` (following symlinks) in container `id`.
+async fn mode(id: &str, path: &str) -> Result<String> {
+    let (code, out) = exec(id, &["stat", "-L", "-c", "%a", path]).await?;
+    ensure!(code == 0, "stat {path}: exit {code}");
+    Ok(out.trim().to_string())
+}
+
+fn waiting_reason(p: &Pod) -> Option<(String, String)> {
+    let w = p
+        .status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .first()?
+        .state
+        .as_ref()?
+        .waiting
+        .clone()?;
+    Some((w.reason.unwrap_or_default(), w.message.unwrap_or_default()))
+}
+
+#[tokio::test]
+async fn env_comes_from_config_maps_secrets_and_resources() -> Result<()> {
+    let bed = Bed::start("vol-env", false).await?;
+    bed.config_map("cfg", json!({"a": "1", "b": "two", "1bad": "x"}))
+        .await?;
+    bed.secret("sec", "Opaque", json!({"pw": "s3cret", "1bad": "x"}))
+        .await?;
+    let script = r#"echo "A=$A"; echo "P=$P"; echo "OPT=${OPT-unset}"; echo "LIM=$LIM"; echo "CPU=$CPU"; echo "NCPU=$NCPU"; echo "CM_b=$CM_b"; echo "CM_a=$CM_a"; echo "pw=$pw"; echo "X=$X"; echo "CM_1bad=$CM_1bad"; echo "BAD=$(env | grep -c ^1bad)""#;
+    bed.create_pod(
+        "env",
+        json!({ "restartPolicy": "Never", "containers": [{
+            "name": "main", "image": busybox(), "command": ["sh", "-c", script],
+            "resources": {"limits": {"memory": "64Mi"}, "requests": {"cpu": "250m", "memory": "64Mi"}},
+            "envFrom": [
+                {"configMapRef": {"name": "cfg"}, "prefix": "CM_"},
+                {"secretRef": {"name": "sec"}},
+                {"secretRef": {"name": "nope", "optional": true}}],
+            "env": [
+                {"name": "A", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "a"}}},
+                {"name": "P", "valueFrom": {"secretKeyRef": {"name": "sec", "key": "pw"}}},
+                {"name": "OPT", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "zz", "optional": true}}},
+                {"name": "LIM", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}}},
+                {"name": "CPU", "valueFrom": {"resourceFieldRef": {"resource": "requests.cpu", "divisor": "1m"}}},
+                {"name": "NCPU", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu"}}},
+                {"name": "CM_a", "value": "overridden"},
+                {"name": "X", "value": "$(A)-$(pw)"}]}]}),
+    )
+    .await?;
+    let out = bed.output("env", "main").await?;
+    // limits.cpu unset: the node's allocatable, in whole cores rounded up.
+    let node = Api::<Node>::all(bed.client.clone()).get(&bed.node).await?;
+    let cpu = node
+        .status
+        .and_then(|s| s.allocatable)
+        .and_then(|a| a.get("cpu").cloned())
+        .ok_or_else(|| anyhow!("node has no allocatable cpu"))?;
+    let millis: u64 = match cpu.0.strip_suffix('m') {
+        Some(m) => m.parse()?,
+        None => cpu.0.parse::<u64>()? * 1000,
+    };
+    let want = format!(
+        "A=1\nP=s3cret\nOPT=unset\nLIM=64\nCPU=250\nNCPU={}\nCM_b=two\nCM_a=overridden\npw=s3cret\nX=1-s3cret\nCM_1bad=x\nBAD=0\n",
+        millis.div_ceil(1000)
+    );
+    assert_eq!(out, want);
+    // The skipped key is reported as upstream does.
+    let events: Api<k8s_openapi::api::core::v1::Event> =
+        Api::namespaced(bed.client.clone(), &bed.ns);
+    let message = eventually(LONG, "InvalidEnvironmentVariableNames event", || async {
+        let list = events.list(&ListParams::default()).await?;
+        Ok(list
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("InvalidEnvironmentVariableNames"))
+            .and_then(|e| e.message)
+            .ok_or_else(|| "no event yet".to_string()))
+    })
+    .await?;
+    assert!(message.contains("[1bad]"), "{message}");
+    bed.pass()
+}
+
+#[tokio::test]
+async fn a_missing_config_map_key_blocks_with_create_container_config_error() -> Result<()> {
+    let bed = Bed::start("vol-envmiss", false).await?;
+    bed.config_map("cfg", json!({"a": "1"})).await?;
+    bed.create_pod(
+        "miss",
+        json!({ "restartPolicy": "Never", "containers": [{
+            "name": "main", "image": busybox(), "command": ["sh", "-c", "echo K=$K"],
+            "env": [{"name": "K", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "k"}}}]}]}),
+    )
+    .await?;
+    let (reason, message) = bed
+        .wait_pod(
+            "miss",
+            LONG,
+            "CreateContainerConfigError",
+            |p| match waiting_reason(p) {
+                Some((r, m)) if r == "CreateContainerConfigError" => Ok((r, m)),
+                other => Err(format!("{other:?}")),
+            },
+        )
+        .await?;
+    assert_eq!(reason, "CreateContainerConfigError");
+    assert_eq!(
+        message,
+        format!("couldn't find key k in ConfigMap {}/cfg", bed.ns)
+    );
+    assert_eq!(phase(&bed.pods().get("miss").await?), "Pending");
+    // Once the key exists the container is created.
+    Api::<ConfigMap>::namespaced(bed.client.clone(), &bed.ns)
+        .patch(
+            "cfg",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"k": "now"}})),
+        )
+        .await?;
+    assert_eq!(bed.output("miss", "main").await?, "K=now\n");
+    bed.pass()
+}
+
+#[tokio::test]
+async fn volumes_of_config_maps_secrets_downward_api_and_tokens() -> Result<()> {
+    let bed = Bed::start("vol-files", false).await?;
+    bed.config_map("cfg", json!({"a": "1", "b": "two"})).await?;
+    bed.secret("sec", "Opaque", json!({"pw": "s3cret"})).await?;
+    let created = bed
+        .create_pod(
+            "files",
+            json!({
+                "containers": [{
+                    "name": "main", "image": busybox(), "command": ["sleep", "3600"],
+                    "resources": {"limits": {"memory": "64Mi"}},
+                    "volumeMounts": [
+                        {"name": "cm", "mountPath": "/v/cm"},
+                        {"name": "cmall", "mountPath": "/v/cmall"},
+                        {"name": "sec", "mountPath": "/v/sec"},
+                        {"name": "down", "mountPath": "/v/down"},
+                        {"name": "proj", "mountPath": "/v/proj"},
+                        {"name": "mem", "mountPath": "/v/mem"}]}],
+                "volumes": [
+                    {"name": "cm", "configMap": {"name": "cfg",
+                        "items": [{"key": "a", "path": "dir/a.txt", "mode": 0o600}]}},
+                    {"name": "cmall", "configMap": {"name": "cfg", "defaultMode": 0o640}},
+                    {"name": "sec", "secret": {"secretName": "sec", "defaultMode": 0o400}},
+                    {"name": "down", "downwardAPI": {"items": [
+                        {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
+                        {"path": "name", "fieldRef": {"fieldPath": "metadata.name"}},
+                        {"path": "mem", "resourceFieldRef": {"containerName": "main",
+                            "resource": "limits.memory", "divisor": "1Mi"}}]}},
+                    {"name": "proj", "projected": {"sources": [
+                        {"configMap": {"name": "cfg", "items": [{"key": "a", "path": "cm-a"}]}},
+                        {"secret": {"name": "sec", "items": [{"key": "pw", "path": "sec-pw"}]}},
+                        {"downwardAPI": {"items": [{"path": "uid", "fieldRef": {"fieldPath": "metadata.uid"}}]}},
+                        {"serviceAccountToken": {"path": "token", "audience": "dh-test",
+                            "expirationSeconds": 3600}}]}},
+                    {"name": "mem", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}}]
+            }),
+        )
+        .await?;
+    let uid = created.metadata.uid.clone().unwrap_or_default();
+    let _ = &uid;
+    let id = bed.running("files").await?;
+    assert_eq!(cat(&id, "/v/cm/dir/a.txt").await?, "1");
+    assert_eq!(mode(&id, "/v/cm/dir/a.txt").await?, "600");
+    assert_eq!(cat(&id, "/v/cmall/b").await?, "two");
+    assert_eq!(mode(&id, "/v/cmall/b").await?, "640");
+    assert_eq!(cat(&id, "/v/sec/pw").await?, "s3cret");
+    assert_eq!(mode(&id, "/v/sec/pw").await?, "400");
+    let (code, _) = exec(&id, &["touch", "/v/sec/new"]).await?;
+    assert_ne!(code, 0, "secret volumes are read-only");
+    let (_, ls) = exec(&id, &["ls", "-a", "/v/cmall"]).await?;
+    assert!(ls.contains("..data"), "atomic writer layout: {ls}");
+    assert_eq!(cat(&id, "/v/down/name").await?, "files");
+    assert_eq!(cat(&id, "/v/down/mem").await?, "64");
+    assert_eq!(cat(&id, "/v/down/labels").await?, "");
+    assert_eq!(cat(&id, "/v/proj/cm-a").await?, "1");
+    assert_eq!(cat(&id, "/v/proj/sec-pw").await?, "s3cret");
+    assert_eq!(cat(&id, "/v/proj/uid").await?, uid);
+    assert_eq!(mode(&id, "/v/proj/token").await?, "644");
+
+    // The token is a JWT of the pod's service account for the audience.
+    let token = cat(&id, "/v/proj/token").await?;
+    ensure!(token.split('.').count() == 3, "not a JWT: {token}");
+    let review: k8s_openapi::api::authentication::v1::TokenReview =
+        serde_json::from_value(json!({"spec": {"token": token, "audiences": ["dh-test"]}}))?;
+    let reviewed =
+        Api::<k8s_openapi::api::authentication::v1::TokenReview>::all(bed.client.clone())
+            .create(&PostParams::default(), &review)
+            .await?;
+    let st = reviewed
+        .status
+        .ok_or_else(|| anyhow!("no TokenReview status"))?;
+    assert_eq!(st.authenticated, Some(true), "{st:?}");
+    assert_eq!(st.audiences, Some(vec!["dh-test".to_string()]));
+    assert_eq!(
+        st.user.and_then(|u| u.username),
+        Some(format!("system:serviceaccount:{}:default", bed.ns))
+    );
+
+    // emptyDir Memory is a tmpfs of the size asked for.
+    let mounts = cat(&id, "/proc/mounts").await?;
+    let line = mounts
+        .lines()
+        .find(|l| l.split(' ').nth(1) == Some("/v/mem"))
+        .ok_or_else(|| anyhow!("/v/mem not mounted: {mounts}"))?;
+    assert_eq!(line.split(' ').nth(2), Some("tmpfs"), "{line}");
+    assert!(line.contains("size=16384k"), "{line}");
+
+    // A ConfigMap update reaches the running container.
+    Api::<ConfigMap>::namespaced(bed.client.clone(), &bed.ns)
+        .patch(
+            "cfg",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"a": "changed", "b": null, "c": "3"}})),
+        )
+        .await?;
+    eventually(Duration::from_secs(150), "the ConfigMap update", || async {
+        let cmall_a = cat(&id, "/v/cmall/a").await?;
+        let proj = cat(&id, "/v/proj/cm-a").await?;
+        let c = exec(&id, &["cat", "/v/cmall/c"]).await?.1;
+        let b = exec(&id, &["ls", "/v/cmall/b"]).await?.0;
+        Ok(
+            if cmall_a == "changed" && proj == "changed" && c == "3" && b != 0 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "cmall/a={cmall_a:?} proj/cm-a={proj:?} c={c:?} b exists={}",
+                    b == 0
+                ))
+            },
+        )
+    })
+    .await?;
+
+    // A label change reaches the downward API volume.
+    bed.pods()
+        .patch(
+            "files",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"app": "vol", "tier": "b"}}})),
+        )
+        .await?;
+    eventually(LONG, "the label update", || async {
+        let labels = cat(&id, "/v/down/labels").await?;
+        Ok(if labels == "app=\"vol\"\ntier=\"b\"" {
+            Ok(())
+        } else {
+            Err(format!("labels {labels:?}"))
+        })
+    })
+    .await?;
+
+    // Deletion removes the volumes, the tmpfs included.
+    bed.pods().delete("files", &DeleteParams::default()).await?;
+    eventually(LONG, "pod gone", || async {
+        Ok(match bed.pods().get_opt("files").await? {
+            None => Ok(()),
+            Some(_) => Err("still there".to_string()),
+        })
+    })
+    .await?;
+    let pod_dir = bed.dir.path().join("root/pods").join(&uid);
+    assert!(!pod_dir.exists(), "{} left", pod_dir.display());
+    let host_mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    assert!(
+        !host_mounts.contains(&uid),
+        "mounts of the pod left: {host_mounts}"
+    );
+    bed.pass()
+}
+
+#[tokio::test]
+async fn a_private_image_pulls_with_an_image_pull_secret_only() -> Result<()> {
+    let bed = Bed::start("vol-pull", false).await?;
+    let tb = Testbed::get();
+    let creds = tb.auth_credentials();
+    let host = tb.auth_registry().to_string();
+    // The more specific key (wrong password) is tried first, then the host's.
+    let config = json!({"auths": {
+        format!("{host}/dh"): {"username": creds.username, "password": "wrong"},
+        format!("https://{host}"): {"username": creds.username, "password": creds.password}}});
+    bed.secret(
+        "regcred",
+        "kubernetes.io/dockerconfigjson",
+        json!({".dockerconfigjson": config.to_string()}),
+    )
+    .await?;
+    let image = format!("{host}/{BUSYBOX}");
+    let container = |name: &str| {
+        json!({"name": name, "image": image, "imagePullPolicy": "Always",
+               "command": ["sh", "-c", "echo pulled"]})
+    };
+    bed.create_pod(
+        "with",
+        json!({"restartPolicy": "Never", "imagePullSecrets": [{"name": "regcred"}, {"name": "absent"}],
+               "containers": [container("main")]}),
+    )
+    .await?;
+    bed.create_pod(
+        "without",
+        json!({"restartPolicy": "Never", "containers": [container("main")]}),
+    )
+    .await?;
+    assert_eq!(bed.output("with", "main").await?, "pulled\n");
+    let (reason, message) = bed
+        .wait_pod("without", LONG, "ErrImagePull", |p| {
+            match waiting_reason(p) {
+                Some((r, m)) if r == "ErrImagePull" || r == "ImagePullBackOff" => Ok((r, m)),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .await?;
+    assert!(
+        reason == "ErrImagePull" || message.contains("Back-off"),
+        "{reason}: {message}"
+    );
+    assert_eq!(phase(&bed.pods().get("without").await?), "Pending");
+    bed.pass()
+}
+
+#[tokio::test]
+async fn host_aliases_show_in_etc_hosts() -> Result<()> {
+    let bed = Bed::start("vol-hosts", false).await?;
+    bed.create_pod(
+        "hosts",
+        json!({"hostAliases": [{"ip": "10.1.2.3", "hostnames": ["foo.dh", "bar.dh"]}],
+               "containers": [{"name": "main", "image": busybox(), "command": ["sleep", "3600"]}]}),
+    )
+    .await?;
+    let id = bed.running("hosts").await?;
+    let hosts = cat(&id, "/etc/hosts").await?;
+    // The pod is on the host network: the node's entries, then the aliases.
+    let node = std::fs::read_to_string("/etc/hosts")?;
+    assert_eq!(
+        hosts,
+        format!(
+            "# Kubernetes-managed hosts file (host network).\n{node}\n# Entries added by HostAliases.\n10.1.2.3\tfoo.dh\tbar.dh\n"
+        )
+    );
+    bed.pass()
+}
+
+#[tokio::test]
+async fn sub_paths_are_resolved_beneath_their_volume() -> Result<()> {
+    let bed = Bed::start("vol-subpath", false).await?;
+    let created = bed
+        .create_pod(
+            "subp",
+            json!({
+                "volumes": [{"name": "data", "emptyDir": {}}],
+                "initContainers": [{"name": "mk", "image": busybox(),
+                    "command": ["sh", "-c", "ln -s /etc /data/evil"],
+                    "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
+                "containers": [
+                    {"name": "good", "image": busybox(),
+                     "command": ["sh", "-c", "echo hi > /out/f; sleep 3600"],
+                     "env": [{"name": "NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                     "volumeMounts": [{"name": "data", "mountPath": "/out", "subPathExpr": "$(NAME)/out"}]},
+                    {"name": "bad", "image": busybox(), "command": ["sleep", "3600"],
+                     "volumeMounts": [{"name": "data", "mountPath": "/x", "subPath": "evil"}]}]
+            }),
+        )
+        .await?;
+    let uid = created.metadata.uid.clone().unwrap_or_default();
+    let message = bed
+        .wait_pod("subp", LONG, "bad refused, good running", |p| {
+            let statuses = p
+                .status
+                .as_ref()
+                .and_then(|s| s.container_statuses.clone())
+                .unwrap_or_default();
+            let of = |n: &str| statuses.iter().find(|c| c.name == n).cloned();
+            let good = of("good").and_then(|c| c.state).and_then(|s| s.running);
+            let bad = of("bad").and_then(|c| c.state).and_then(|s| s.waiting);
+            match (good, bad) {
+                (Some(_), Some(w)) if w.reason.as_deref() == Some("CreateContainerConfigError") => {
+                    Ok(w.message.unwrap_or_default())
+                }
+                _ => Err(format!("{statuses:?}")),
+            }
+        })
+        .await?;
+    assert!(
+        message.contains("subPath \"evil\" resolves outside of its volume"),
+        "{message}"
+    );
+    let host = bed
+        .dir
+        .path()
+        .join("root/pods")
+        .join(&uid)
+        .join("volumes/kubernetes.io~empty-dir/data/subp/out/f");
+    eventually(LONG, "the file written through the subPath", || async {
+        Ok(match std::fs::read_to_string(&host) {
+            Ok(t) if t == "hi\n" => Ok(()),
+            other => Err(format!("{other:?}")),
+        })
+    })
+    .await?;
+    bed.pods().delete("subp", &DeleteParams::default()).await?;
+    eventually(LONG, "pod gone", || async {
+        Ok(match bed.pods().get_opt("subp").await? {
+            None => Ok(()),
+            Some(_) => Err("still there".to_string()),
+        })
+    })
+    .await?;
+    let host_mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    assert!(!host_mounts.contains(&uid), "mounts of the pod left");
+    assert!(!bed.dir.path().join("root/pods").join(&uid).exists());
+    bed.pass()
+}
+
+#[tokio::test]
+async fn a_missing_config_map_volume_waits_and_an_optional_one_is_empty() -> Result<()> {
+    let bed = Bed::start("vol-cmwait", false).await?;
+    bed.create_pod(
+        "wait",
+        json!({
+            "containers": [{"name": "main", "image": busybox(), "command": ["sleep", "3600"],
+                "volumeMounts": [{"name": "opt", "mountPath": "/opt"},
+                                 {"name": "later", "mountPath": "/later"}]}],
+            "volumes": [
+                {"name": "opt", "configMap": {"name": "nope", "optional": true}},
+                {"name": "later", "configMap": {"name": "later"}}]
+        }),
+    )
+    .await?;
+    bed.wait_pod(
+        "wait",
+        LONG,
+        "ContainerCreating",
+        |p| match waiting_reason(p) {
+            Some((r, _)) if r == "ContainerCreating" => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pod = bed.pods().get("wait").await?;
+    assert_eq!(phase(&pod), "Pending");
+    assert_eq!(
+        waiting_reason(&pod).map(|w| w.0).as_deref(),
+        Some("ContainerCreating"),
+        "no container without its volume"
+    );
+    bed.config_map("later", json!({"k": "v"})).await?;
+    let id = bed.running("wait").await?;
+    assert_eq!(cat(&id, "/later/k").await?, "v");
+    let (code, ls) = exec(&id, &["ls", "/opt"]).await?;
+    assert_eq!(
+        (code, ls.as_str()),
+        (0, ""),
+        "an optional missing ConfigMap is an empty volume"
+    );
+    bed.pass()
+}
