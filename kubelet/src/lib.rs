@@ -17,14 +17,15 @@
 //!   when to run again and are woken by events; there is no global polling loop).
 //!
 //! * [`pods`]: pod sources (API watch, static-pod directory, mirror pods), one worker per pod
-//!   (sandbox, images, init and main containers, restarts with back-off, graceful deletion)
-//!   and pod status.
+//!   (sandbox, volumes, images with pull secrets, env, init and main containers, probes,
+//!   lifecycle hooks, restarts with back-off, graceful deletion) and pod status.
+//! * [`events`]: core/v1 Events about pods, never blocking a reconcile.
 //! * [`server`]: the kubelet's HTTPS API on `address:port` (logs, exec, attach, port-forward,
 //!   run, pods, healthz) with x509/TokenReview authentication and Webhook authorization.
 //!
 //! Standalone mode (no `--kubeconfig`) runs static pods only. Not implemented yet (see the
-//! kubelet issue): probes, volumes beyond emptyDir/hostPath, events, hooks, sidecars, eviction
-//! of pods.
+//! kubelet issue): sidecars, gRPC probes, PVC/CSI volumes, eviction of pods, admission against
+//! allocatable, pod-level cgroup limits.
 
 pub mod conditions;
 pub mod config;
