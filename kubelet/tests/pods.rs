@@ -629,6 +629,53 @@ async fn restart_policy_never_with_exit_zero_succeeds() -> Result<()> {
     bed.pass()
 }
 
+/// Termination messages as upstream: what the container wrote to its terminationMessagePath,
+/// or with FallbackToLogsOnError the end of the log of a failed container.
+#[tokio::test]
+async fn termination_messages_from_the_file_or_the_log() -> Result<()> {
+    let bed = Bed::start("pod-msg", false).await?;
+    bed.create_pod(
+        "msg",
+        json!({ "restartPolicy": "Never",
+                "containers": [
+                    { "name": "file", "image": busybox(),
+                      "command": ["sh", "-c", "echo -n all done > /dev/termination-log"] },
+                    { "name": "custom", "image": busybox(), "terminationMessagePath": "/tmp/why",
+                      "command": ["sh", "-c", "echo -n custom path > /tmp/why; exit 2"] },
+                    { "name": "logs", "image": busybox(),
+                      "terminationMessagePolicy": "FallbackToLogsOnError",
+                      "command": ["sh", "-c", "echo first >&2; echo it broke >&2; exit 3"] },
+                ] }),
+    )
+    .await?;
+    let pod = bed
+        .wait_pod("msg", LONG, "Failed", |p| {
+            if phase(p) == "Failed" {
+                Ok(p.clone())
+            } else {
+                Err(format!("{:?}", p.status))
+            }
+        })
+        .await?;
+    let statuses = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.clone())
+        .ok_or_else(|| anyhow!("no statuses"))?;
+    let message = |name: &str| {
+        statuses
+            .iter()
+            .find(|c| c.name == name)
+            .and_then(|c| c.state.as_ref())
+            .and_then(|s| s.terminated.as_ref())
+            .and_then(|t| t.message.clone())
+    };
+    assert_eq!(message("file").as_deref(), Some("all done"));
+    assert_eq!(message("custom").as_deref(), Some("custom path"));
+    assert_eq!(message("logs").as_deref(), Some("first\nit broke\n"));
+    bed.pass()
+}
+
 #[tokio::test]
 async fn init_containers_run_in_order_before_the_main_container() -> Result<()> {
     let bed = Bed::start("pod-init", false).await?;

@@ -117,6 +117,8 @@ pub struct Resolved {
     pub sub_paths: HashMap<usize, std::path::PathBuf>,
     /// The pod's managed `/etc/hosts`, to be mounted in the container.
     pub etc_hosts: Option<std::path::PathBuf>,
+    /// A fresh host file for this container's `terminationMessagePath`.
+    pub termination_log: Option<std::path::PathBuf>,
 }
 
 /// The names of the ConfigMaps and Secrets `containers` (their env and envFrom) and, with

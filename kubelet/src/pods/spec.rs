@@ -763,6 +763,17 @@ pub fn container_config_with(
             ..Default::default()
         });
     }
+    if let (Some(file), Some(path)) = (
+        &resolved.termination_log,
+        c.termination_message_path.as_deref(),
+    ) && !mounts.iter().any(|m| m.container_path == path)
+    {
+        mounts.push(Mount {
+            container_path: path.to_string(),
+            host_path: file.display().to_string(),
+            ..Default::default()
+        });
+    }
     if let Some(hosts) = &resolved.etc_hosts
         && !mounts.iter().any(|m| m.container_path == "/etc/hosts")
     {

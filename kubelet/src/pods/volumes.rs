@@ -856,7 +856,64 @@ pub async fn container_config(
             resolved.sub_paths.insert(i, target);
         }
     }
+    if let Some(path) = c
+        .termination_message_path
+        .as_deref()
+        .filter(|p| !p.is_empty())
+    {
+        resolved.termination_log = Some(termination_log_file(ctx, pod, c, path)?);
+    }
     spec::container_config_with(pod, c, inputs, &resolved)
+}
+
+/// Creates the empty, world-writable host file a new container instance writes its
+/// termination message to (`<pod dir>/containers/<name>/<random>`, as upstream: one per
+/// instance, so a restarted container does not see the previous one's message).
+fn termination_log_file(
+    ctx: &Context,
+    pod: &Pod,
+    c: &Container,
+    container_path: &str,
+) -> Result<PathBuf, String> {
+    if !container_path.starts_with('/') {
+        return Err(format!(
+            "terminationMessagePath {container_path:?} must be an absolute path"
+        ));
+    }
+    let dir = spec::pod_dir(&ctx.pods_dir, pod)
+        .join("containers")
+        .join(&c.name);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut random = [0u8; 4];
+    getrandom_bytes(&mut random);
+    let name: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let path = dir.join(name);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    // The container may run as any user.
+    f.set_permissions(std::fs::Permissions::from_mode(0o666))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(path)
+}
+
+/// Random bytes from the kernel (the time as a fallback: the name only needs to be new).
+fn getrandom_bytes(buf: &mut [u8]) {
+    use std::io::Read;
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(buf))
+        .is_err()
+    {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = (t >> (8 * (i % 4))) as u8;
+        }
+    }
 }
 
 /// Checks a subPath as the API server and upstream's kubelet do: relative, no `..`.

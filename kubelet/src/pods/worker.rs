@@ -18,7 +18,8 @@
 //! ([`super::hooks`]). The steps are recorded as Events ([`crate::events`]), fire and forget.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -232,10 +233,15 @@ impl PodWorker {
         let mut instances = Vec::new();
         for c in containers {
             match rt.container_status(&c.id).await {
-                Ok(status) => instances.push(Instance {
-                    sandbox_id: c.pod_sandbox_id.clone(),
-                    status,
-                }),
+                Ok(mut status) => {
+                    if status.state == cri::ContainerState::ContainerExited as i32 {
+                        add_termination_message(&mut status);
+                    }
+                    instances.push(Instance {
+                        sandbox_id: c.pod_sandbox_id.clone(),
+                        status,
+                    })
+                }
                 Err(e) if RuntimeClient::status_code(&e) == Some(tonic::Code::NotFound) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -1062,4 +1068,87 @@ fn remove_pod_cgroups(parent: &str) {
             tracing::debug!(dir = %dir.display(), "removing the pod cgroup: {e}");
         }
     }
+}
+
+/// The longest termination message read from the file (upstream's 4 KiB).
+const TERMINATION_MESSAGE_MAX: u64 = 4096;
+/// FallbackToLogsOnError: the last this many log lines...
+const TERMINATION_LOG_LINES: usize = 80;
+/// ... of at most this many bytes (upstream's values).
+const TERMINATION_LOG_BYTES: usize = 2048;
+
+/// Adds an exited container's termination message to its CRI message, as upstream's kubelet:
+/// the file mounted at its `terminationMessagePath` (at most 4 KiB), or, with
+/// `FallbackToLogsOnError`, a failure and nothing in that file, the end of its log (the last 80
+/// lines, at most 2 KiB of them).
+fn add_termination_message(s: &mut cri::ContainerStatus) {
+    use std::io::Read;
+    let path = s.annotations.get(spec::CONTAINER_TERMINATION_MESSAGE_PATH);
+    let fallback = s
+        .annotations
+        .get(spec::CONTAINER_TERMINATION_MESSAGE_POLICY)
+        .is_some_and(|p| p == "FallbackToLogsOnError")
+        && s.exit_code != 0
+        && s.reason != "ContainerCannotRun";
+    let mut message = String::new();
+    if let Some(m) = path.and_then(|p| s.mounts.iter().find(|m| &m.container_path == p)) {
+        let mut buf = Vec::new();
+        // O_NOFOLLOW: the container may have replaced its end of the mount with a symlink;
+        // never read through it on the host.
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags((nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK).bits())
+            .open(&m.host_path);
+        if let Ok(f) = opened
+            && f.metadata().is_ok_and(|md| md.is_file())
+        {
+            let _ = f.take(TERMINATION_MESSAGE_MAX).read_to_end(&mut buf);
+        }
+        message = String::from_utf8_lossy(&buf).into_owned();
+    }
+    if message.is_empty() && fallback && Path::new(&s.log_path).is_absolute() {
+        message = log_tail(Path::new(&s.log_path));
+    }
+    if !message.is_empty() {
+        if !s.message.is_empty() {
+            s.message.push_str(": ");
+        }
+        s.message.push_str(&message);
+    }
+}
+
+/// The last [`TERMINATION_LOG_LINES`] lines of a CRI log file, at most
+/// [`TERMINATION_LOG_BYTES`] of them, read from the file's last 256 KiB.
+fn log_tail(path: &Path) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(256 * 1024);
+    let mut buf = Vec::new();
+    if f.seek(SeekFrom::Start(start)).is_err() || f.read_to_end(&mut buf).is_err() {
+        return String::new();
+    }
+    // A cut first line is not a line.
+    let body = if start > 0 {
+        buf.iter()
+            .position(|b| *b == b'\n')
+            .map_or(&buf[..0], |i| &buf[i + 1..])
+    } else {
+        &buf[..]
+    };
+    let mut parser = crate::server::logs::Parser::default();
+    let mut lines: std::collections::VecDeque<Vec<u8>> = Default::default();
+    for raw in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        if let Ok(Some(line)) = parser.push(raw) {
+            if lines.len() == TERMINATION_LOG_LINES {
+                lines.pop_front();
+            }
+            lines.push_back(line.text);
+        }
+    }
+    let mut out: Vec<u8> = lines.into_iter().flatten().collect();
+    out.truncate(TERMINATION_LOG_BYTES);
+    String::from_utf8_lossy(&out).into_owned()
 }
