@@ -44,45 +44,27 @@ fn with_lo(req: &Request, want_up: Option<bool>) -> Result<LoState, CniError> {
 
 /// Sets `lo` of `ns` up or down (`want_up`, or leaves it when `None`) and reads it back.
 fn lo_in(ns: &NetNs, want_up: Option<bool>) -> Result<LoState, CniError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| CniError::io(format!("tokio runtime: {e}")))?;
-    rt.block_on(async {
-        let h = ns.netlink().map_err(netns_err)?;
-        let lo = link::link_by_name(&h, "lo")
-            .await
-            .map_err(link_err)?
-            .ok_or_else(|| CniError::io("no lo interface in the namespace"))?;
-        match want_up {
-            Some(true) if !lo.up => link::set_up(&h, lo.index).await.map_err(link_err)?,
-            Some(false) if lo.up => h
-                .link()
-                .set(
-                    rtnetlink::LinkUnspec::new_with_index(lo.index)
-                        .down()
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(|e| CniError::io(format!("set lo down: {e}")))?,
-            _ => {}
-        }
-        let lo = link::link_by_index(&h, lo.index)
-            .await
-            .map_err(link_err)?
-            .ok_or_else(|| CniError::io("lo disappeared"))?;
-        let addrs = link::addresses(&h, lo.index)
-            .await
-            .map_err(link_err)?
-            .into_iter()
-            .map(|a| (a.ip, a.prefix))
-            .collect();
-        Ok(LoState {
-            mac: lo.mac_string(),
-            up: lo.up,
-            addrs,
-        })
+    let h = ns.netlink().map_err(netns_err)?;
+    let lo = link::link_by_name(&h, "lo")
+        .map_err(link_err)?
+        .ok_or_else(|| CniError::io("no lo interface in the namespace"))?;
+    match want_up {
+        Some(true) if !lo.up => link::set_up(&h, lo.index).map_err(link_err)?,
+        Some(false) if lo.up => link::set_down(&h, lo.index).map_err(link_err)?,
+        _ => {}
+    }
+    let lo = link::link_by_index(&h, lo.index)
+        .map_err(link_err)?
+        .ok_or_else(|| CniError::io("lo disappeared"))?;
+    let addrs = link::addresses(&h, lo.index)
+        .map_err(link_err)?
+        .into_iter()
+        .map(|a| (a.ip, a.prefix))
+        .collect();
+    Ok(LoState {
+        mac: lo.mac_string(),
+        up: lo.up,
+        addrs,
     })
 }
 

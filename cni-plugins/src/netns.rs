@@ -2,10 +2,10 @@
 //!
 //! `setns(2)` changes the namespace of one thread only, so [`NetNs::run`] does the work on a
 //! short-lived scoped OS thread that enters the namespace, runs the closure and exits; the caller's
-//! thread (and so the tokio runtime driving the plugin) never leaves its own namespace. A netlink
-//! socket stays bound to the namespace it was created in, so [`NetNs::netlink`] creates the
-//! rtnetlink socket on such a thread and hands it back to the caller's runtime: afterwards every
-//! request on that handle acts inside the target namespace. Plugins never fork.
+//! thread never leaves its own namespace. A netlink socket stays bound to the namespace it was
+//! created in, so [`NetNs::netlink`] creates the rtnetlink socket while the calling thread is
+//! briefly inside ([`NetNs::enter_briefly`]): afterwards every request on that socket acts inside
+//! the target namespace. Plugins never fork.
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
@@ -164,25 +164,21 @@ impl NetNs {
         Ok(r)
     }
 
-    /// Opens an rtnetlink connection inside the namespace (the socket is created while the
-    /// calling thread is briefly inside it), spawns its driver on the current tokio runtime and
-    /// returns the handle: every request on it acts inside this namespace.
-    pub fn netlink(&self) -> Result<rtnetlink::Handle, NetnsError> {
-        let conn = self.enter_briefly(rtnetlink::new_connection)?;
-        let (conn, handle, _) = conn.map_err(|source| NetnsError::Io {
-            path: self.path.clone(),
-            source,
-        })?;
-        tokio::spawn(conn);
-        Ok(handle)
+    /// Opens a (blocking) rtnetlink socket inside the namespace: the socket is created while
+    /// the calling thread is briefly inside it, and every request on it acts inside this
+    /// namespace.
+    pub fn netlink(&self) -> Result<crate::link::Netlink, NetnsError> {
+        self.enter_briefly(crate::link::Netlink::new)?
+            .map_err(|source| NetnsError::Io {
+                path: self.path.clone(),
+                source,
+            })
     }
 }
 
-/// An rtnetlink handle for the calling thread's namespace (needs a tokio runtime).
-pub fn host_netlink() -> std::io::Result<rtnetlink::Handle> {
-    let (conn, handle, _) = rtnetlink::new_connection()?;
-    tokio::spawn(conn);
-    Ok(handle)
+/// An rtnetlink socket for the calling thread's namespace.
+pub fn host_netlink() -> std::io::Result<crate::link::Netlink> {
+    crate::link::Netlink::new()
 }
 
 /// Writes a sysctl below `/proc/sys` (e.g. `net/ipv4/ip_forward`) in the namespace of the calling

@@ -4,6 +4,8 @@
 # (dh-bench-…), ADD then DEL each, per configuration. Prints median and p99 per operation, the
 # batch time and the ratios ours/reference. Release build. Removes everything it creates, also
 # when interrupted. Run as root:  hack/bench/cni.sh [N]   (default 50)
+# The machine should be quiet: both sides run in the same process tree, so the ratios survive some
+# load, but not the absolute figures; run it a few times and compare the ratios.
 set -euo pipefail
 
 N=${1:-50}
@@ -14,11 +16,18 @@ for b in bridge host-local; do
   [ -x "$REF_DIR/$b" ] || { echo "cni.sh: reference plugin $REF_DIR/$b missing (apt-get install containernetworking-plugins)" >&2; exit 1; }
 done
 
-echo "building release binaries..." >&2
-(cd "$ROOT" && cargo build --release -q -p deckhand-cni --bin deckhand-bridge --bin deckhand-host-local)
-TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps 2>/dev/null |
-  sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
-OURS_DIR=${TARGET_DIR:-$ROOT/target}/release
+# OURS_DIR=<dir> measures plugins built elsewhere (e.g. installed in /opt/cni/bin) instead of
+# building them.
+if [ -z "${OURS_DIR:-}" ]; then
+  echo "building release binaries..." >&2
+  (cd "$ROOT" && cargo build --release -q -p deckhand-cni --bin deckhand-bridge --bin deckhand-host-local)
+  TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps 2>/dev/null |
+    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+  OURS_DIR=${TARGET_DIR:-$ROOT/target}/release
+fi
+for b in deckhand-bridge deckhand-host-local; do
+  [ -x "$OURS_DIR/$b" ] || { echo "cni.sh: $OURS_DIR/$b missing" >&2; exit 1; }
+done
 
 WORK=$(mktemp -d /tmp/dh-bench.XXXXXX)
 BR_OURS=dh-bench-br0
@@ -36,6 +45,12 @@ conf() { # impl masq
     "$1" "$type" "$bridge" "$2" "$ipam" "$subnet" "$WORK" "$1"
 }
 
+# The configurations, written once: a call's stdin is a file, so the measurement holds the
+# plugin's exec and run and no extra process of the shell's.
+for impl in ours ref; do
+  for masq in false true; do conf "$impl" "$masq" >"$WORK/conf-$impl-$masq"; done
+done
+
 # cni IMPL CMD NS MASQ: one plugin call; fails loudly.
 cni() {
   local bin path ifname
@@ -44,8 +59,8 @@ cni() {
   else
     bin=$REF_DIR/bridge path=$REF_DIR ifname=eth1
   fi
-  conf "$1" "$4" | CNI_COMMAND=$2 CNI_CONTAINERID="dhbench$3" CNI_NETNS="/run/netns/$NS_PREFIX$3" \
-    CNI_IFNAME="$ifname" CNI_PATH=$path "$bin" >"$WORK/out" 2>"$WORK/err" || {
+  CNI_COMMAND=$2 CNI_CONTAINERID="dhbench$3" CNI_NETNS="/run/netns/$NS_PREFIX$3" \
+    CNI_IFNAME="$ifname" CNI_PATH=$path "$bin" <"$WORK/conf-$1-$4" >"$WORK/out" 2>"$WORK/err" || {
     echo "cni.sh: $1 $2 $3 failed: $(cat "$WORK/out" "$WORK/err")" >&2
     return 1
   }
@@ -69,21 +84,20 @@ trap cleanup EXIT INT TERM
 
 for i in $(seq 1 "$N"); do ip netns add "$NS_PREFIX$i"; done
 
-now_us() { local t=${EPOCHREALTIME/./}; echo "$t"; }
-
 # batch IMPL MASQ: ADD in every namespace, then DEL in every namespace. Per-call microseconds are
-# appended to $WORK/IMPL-CMD-MASQ, each batch's wall time to ….batch.
+# appended to $WORK/IMPL-CMD-MASQ, each batch's wall time to ….batch. The clock is read with
+# $EPOCHREALTIME (no subshell: forking one would be timed with the call).
 batch() {
   local t0 t1 start end cmd i
   for cmd in ADD DEL; do
-    start=$(now_us)
-    for i in $(seq 1 "$N"); do
-      t0=$(now_us)
+    start=${EPOCHREALTIME/./}
+    for ((i = 1; i <= N; i++)); do
+      t0=${EPOCHREALTIME/./}
       cni "$1" "$cmd" "$i" "$2"
-      t1=$(now_us)
+      t1=${EPOCHREALTIME/./}
       echo $((t1 - t0)) >>"$WORK/$1-$cmd-$2"
     done
-    end=$(now_us)
+    end=${EPOCHREALTIME/./}
     echo $((end - start)) >>"$WORK/$1-$cmd-$2.batch"
   done
 }

@@ -1,5 +1,10 @@
 //! `deckhand-host-local`: the host-local IPAM plugin (see `deckhand_cni::hostlocal`).
+//!
+//! A C `main` rather than Rust's: see `deckhand_cni::plugin::c_main` for what that skips.
+#![cfg_attr(not(test), no_main)]
 
-fn main() -> std::process::ExitCode {
-    deckhand_cni::plugin::run(&deckhand_cni::hostlocal::HostLocal)
+#[cfg(not(test))]
+#[unsafe(no_mangle)]
+extern "C" fn main() -> std::ffi::c_int {
+    deckhand_cni::plugin::c_main(&deckhand_cni::hostlocal::HostLocal)
 }

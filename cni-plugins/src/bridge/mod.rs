@@ -2,15 +2,17 @@
 //! with the configuration keys of the reference `bridge` plugin.
 //!
 //! ADD, in order: validate the configuration and open the container namespace (bad input stops
-//! here, before anything changes); make sure `CNI_IFNAME` is free in the namespace; start IPAM on
-//! a helper thread (our own `deckhand-host-local` runs in-process, any other IPAM plugin is
-//! executed); meanwhile ensure the bridge and create the veth pair in one netlink request (host
-//! end attached and up, peer created directly in the container namespace); join IPAM; configure
-//! addresses and routes inside the namespace; gateway addresses, forwarding, masquerading and the
-//! MAC spoof check on the host. A failure after IPAM started releases the lease and removes what
-//! this ADD created (the bridge stays). DEL releases the lease, deletes the container interface
-//! (which takes the host end with it) and the firewall rules, in parallel; a missing namespace or
-//! interface is success.
+//! here, before anything changes); start an executed IPAM plugin on a helper thread; ensure the
+//! bridge and create the veth pair in one netlink request (host end attached and up, peer created
+//! directly in the container namespace under `CNI_IFNAME`, the new host end echoed back by the
+//! kernel; a taken `CNI_IFNAME` is learnt from the kernel's refusal); hairpin/VLAN on the port;
+//! IPAM (our own `deckhand-host-local` in-process now, or join the thread); up, addresses and
+//! routes inside the namespace in one batch; gateway addresses, forwarding, masquerading and the
+//! MAC spoof check on the host. Netlink goes through blocking sockets (see [`crate::link`]): no
+//! async runtime. A failure after IPAM leased releases the lease and removes what this ADD
+//! created (the bridge stays). DEL sends one `RTM_DELLINK` by name in the container namespace
+//! (which takes the host end with it) and meanwhile releases the lease and the firewall rules on
+//! helper threads; a missing namespace or interface is success.
 
 use std::net::IpAddr;
 
@@ -20,7 +22,7 @@ use serde_json::Value;
 
 use crate::error::CniError;
 use crate::firewall::{self, Backend, Families, MasqAddr, Owner};
-use crate::link::{self, Addr, BridgeSpec, Link, LinkError, VethSpec};
+use crate::link::{self, Addr, BridgeSpec, Link, LinkError, Netlink, VethSpec};
 use crate::netns::{NetNs, NetnsError};
 use crate::plugin::{Plugin, Request};
 use crate::types::{CniResult, Interface, IpamConf, Route};
@@ -180,26 +182,11 @@ fn in_process_ipam(req: &Request, ipam_type: &str) -> bool {
         && crate::plugin::find_plugin(ipam_type, &req.cni_path).is_some()
 }
 
-fn ipam_add(req: &Request, ipam_type: &str) -> Result<CniResult, CniError> {
-    if in_process_ipam(req, ipam_type) {
-        return crate::hostlocal::HostLocal.add(req);
-    }
-    req.delegate_add(ipam_type)
-}
-
 fn ipam_del(req: &Request, ipam_type: &str) -> Result<(), CniError> {
     if in_process_ipam(req, ipam_type) {
         return crate::hostlocal::HostLocal.del(req);
     }
     req.delegate_del(ipam_type)
-}
-
-fn runtime() -> Result<tokio::runtime::Runtime, CniError> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
-        .build()
-        .map_err(|e| internal(format!("tokio runtime: {e}")))
 }
 
 fn to_addr(n: &IpNet) -> Addr {
@@ -280,9 +267,46 @@ struct Attached {
     bridge_created: bool,
 }
 
-/// Creates the veth pair with a fresh host name (retrying on a name clash).
-async fn create_veth(
-    host: &rtnetlink::Handle,
+/// The IPAM ADD. Our own host-local runs in-process when its result is needed (after the veth
+/// pair exists, as in the reference's order: a taken `CNI_IFNAME` fails before anything is
+/// leased); it takes a fraction of a millisecond, less than starting and waking a thread. An
+/// executed plugin runs on a thread from the start, beside the netlink work.
+struct IpamRun<'a> {
+    in_process: Option<&'a Request>,
+    running: Option<std::thread::ScopedJoinHandle<'a, Result<CniResult, CniError>>>,
+    /// Whether IPAM leased addresses (which a failed ADD must release).
+    leased: bool,
+}
+
+impl IpamRun<'_> {
+    /// The IPAM result (`None` without IPAM, or once taken).
+    fn join(&mut self) -> Result<Option<CniResult>, CniError> {
+        let r = if let Some(req) = self.in_process.take() {
+            crate::hostlocal::HostLocal.add(req)?
+        } else if let Some(h) = self.running.take() {
+            h.join().map_err(|_| internal("IPAM thread panicked"))??
+        } else {
+            return Ok(None);
+        };
+        self.leased = true;
+        Ok(Some(r))
+    }
+
+    /// After a failed ADD: waits for a plugin still running (an in-process one that has not run
+    /// does not run now); whether addresses were leased and must be released.
+    fn settle(&mut self) -> bool {
+        self.in_process = None;
+        let _ = self.join();
+        self.leased
+    }
+}
+
+/// Creates the veth pair with a fresh host name (retrying on a host name clash). A taken
+/// `CNI_IFNAME` in the container is found out here, from the kernel's refusal, rather than by
+/// asking first.
+fn create_veth(
+    host: &Netlink,
+    cont: &Netlink,
     ns: &NetNs,
     ifname: &str,
     conf: &Conf,
@@ -299,7 +323,7 @@ async fn create_veth(
             peer_mac: Some(mac),
             master: Some(br.index),
         };
-        match link::create_veth(host, &spec).await {
+        match link::create_veth(host, &spec) {
             Ok(l) => {
                 return Ok(Attached {
                     host: l,
@@ -307,7 +331,14 @@ async fn create_veth(
                     bridge_created: false,
                 });
             }
-            Err(LinkError::Exists(n)) => last = Some(n),
+            Err(LinkError::Exists(n)) => {
+                if link::link_by_name(cont, ifname).cni()?.is_some() {
+                    return Err(internal(format!(
+                        "container veth name provided ({ifname}) already exists"
+                    )));
+                }
+                last = Some(n);
+            }
             Err(e) => return Err(internal(e)),
         }
     }
@@ -322,28 +353,15 @@ async fn create_veth(
 pub struct BridgePlugin;
 
 impl BridgePlugin {
-    async fn add_async(
+    fn add_links(
         &self,
         req: &Request,
         conf: &Conf,
         ns: &NetNs,
-        start_ipam: &(dyn Fn() + Sync),
-        ipam: &(dyn Fn() -> Result<Option<CniResult>, CniError> + Sync),
+        ipam: &mut IpamRun<'_>,
     ) -> Result<CniResult, CniError> {
         let host = crate::netns::host_netlink().map_err(internal)?;
         let cont = ns.netlink().map_err(netns_error)?;
-        if link::link_by_name(&cont, &req.ifname)
-            .await
-            .cni()?
-            .is_some()
-        {
-            return Err(internal(format!(
-                "container veth name provided ({}) already exists",
-                req.ifname
-            )));
-        }
-        // The attachment looks new: IPAM runs from here in parallel with the netlink work.
-        start_ipam();
         let (br, br_created) = link::ensure_bridge(
             &host,
             &BridgeSpec {
@@ -353,17 +371,14 @@ impl BridgePlugin {
                 vlan_filtering: conf.vlan.is_some(),
             },
         )
-        .await
         .cni()?;
-        let mut att = create_veth(&host, ns, &req.ifname, conf, &br).await?;
+        let mut att = create_veth(&host, &cont, ns, &req.ifname, conf, &br)?;
         att.bridge_created = br_created;
-        let r = self
-            .finish_add(req, conf, ns, &host, &cont, &br, &att, ipam)
-            .await;
+        let r = self.finish_add(req, conf, ns, &host, &cont, &br, &att, ipam);
         if r.is_err() {
             // Undo what this ADD did on the host (the bridge and its addresses stay, as they
             // may serve other attachments).
-            let _ = link::del_link(&host, att.host.index).await;
+            let _ = link::del_link(&host, att.host.index);
             let owner = Owner::new(&conf.raw.name, &req.container_id);
             if conf.raw.ip_masq {
                 let _ = firewall::masq_del(conf.backend, &owner, Families::ALL);
@@ -376,23 +391,25 @@ impl BridgePlugin {
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn finish_add(
+    fn finish_add(
         &self,
         req: &Request,
         conf: &Conf,
         ns: &NetNs,
-        host: &rtnetlink::Handle,
-        cont: &rtnetlink::Handle,
+        host: &Netlink,
+        cont: &Netlink,
         br: &Link,
         att: &Attached,
-        ipam: &(dyn Fn() -> Result<Option<CniResult>, CniError> + Sync),
+        ipam: &mut IpamRun<'_>,
     ) -> Result<CniResult, CniError> {
+        let mut port = Vec::new();
         if conf.raw.hairpin_mode {
-            link::set_hairpin(host, att.host.index, true).await.cni()?;
+            port.push(link::hairpin_op(att.host.index, true));
         }
         if let Some(vid) = conf.vlan {
-            link::set_port_vlan(host, att.host.index, vid).await.cni()?;
+            port.push(link::port_vlan_op(att.host.index, vid));
         }
+        link::run(host, port).cni()?;
         // The host end's IFLA_LINK is the container end's index in its namespace, and we chose
         // its MAC: no need to ask.
         let c = match att.host.peer_index {
@@ -403,12 +420,11 @@ impl BridgePlugin {
                 ..Default::default()
             },
             None => link::link_by_name(cont, &req.ifname)
-                .await
                 .cni()?
                 .ok_or_else(|| internal(format!("{} vanished from the container", req.ifname)))?,
         };
 
-        let mut res = ipam()?.unwrap_or_default();
+        let mut res = ipam.join()?.unwrap_or_default();
         let bridge_addrs = apply_gateways(conf, &mut res)?;
 
         res.interfaces = vec![
@@ -434,17 +450,16 @@ impl BridgePlugin {
             ipc.interface = Some(2);
         }
 
-        // Inside the container: addresses, then routes (their gateways are on-link then).
+        // Inside the container, in one batch: up, addresses, then routes (their gateways are
+        // on-link by then).
         if res.ips.iter().any(|i| i.address.addr().is_ipv6()) {
             let ifname = req.ifname.clone();
             ns.enter_briefly(|| link::disable_dad(&ifname))
                 .map_err(netns_error)?;
         }
-        link::set_up(cont, c.index).await.cni()?;
+        let mut ops = vec![link::set_up_op(c.index)];
         for ipc in &res.ips {
-            link::add_address(cont, c.index, to_addr(&ipc.address))
-                .await
-                .cni()?;
+            ops.push(link::add_address_op(c.index, to_addr(&ipc.address)));
         }
         for r in &res.routes {
             let gw = r.gw.or_else(|| {
@@ -453,24 +468,18 @@ impl BridgePlugin {
                     .find(|i| i.address.addr().is_ipv6() == r.dst.addr().is_ipv6())
                     .and_then(|i| i.gateway)
             });
-            link::add_route(
-                cont,
-                &link::Route {
-                    dst: to_addr(&r.dst.trunc()),
-                    gw,
-                    oif: Some(c.index),
-                },
-            )
-            .await
-            .cni()?;
+            ops.push(link::add_route_op(&link::Route {
+                dst: to_addr(&r.dst.trunc()),
+                gw,
+                oif: Some(c.index),
+            }));
         }
+        link::run(cont, ops).cni()?;
 
         // On the host: gateway addresses, forwarding, masquerading.
         if conf.is_gateway {
             for a in &bridge_addrs {
-                link::ensure_gateway_address(host, br, *a, conf.raw.force_address)
-                    .await
-                    .cni()?;
+                link::ensure_gateway_address(host, br, *a, conf.raw.force_address).cni()?;
             }
             let v4 = bridge_addrs.iter().any(|a| a.ip.is_ipv4());
             let v6 = bridge_addrs.iter().any(|a| a.ip.is_ipv6());
@@ -503,19 +512,14 @@ impl BridgePlugin {
         // A bridge without an explicit MAC takes its lowest port's, so adding a port may have
         // changed it: report it as it is now. (Bridges we create get a fixed MAC.)
         if !att.bridge_created
-            && let Some(b) = link::link_by_index(host, br.index).await.cni()?
+            && let Some(b) = link::link_by_index(host, br.index).cni()?
         {
             res.interfaces[0].mac = b.mac_string();
         }
         Ok(res)
     }
 
-    async fn check_async(
-        &self,
-        req: &Request,
-        conf: &Conf,
-        prev: &CniResult,
-    ) -> Result<(), CniError> {
+    fn check_links(&self, req: &Request, conf: &Conf, prev: &CniResult) -> Result<(), CniError> {
         let path = req
             .netns
             .as_ref()
@@ -525,11 +529,9 @@ impl BridgePlugin {
         let cont = ns.netlink().map_err(netns_error)?;
 
         let br = link::link_by_name(&host, &conf.raw.bridge)
-            .await
             .cni()?
             .ok_or_else(|| internal(format!("bridge {} not found", conf.raw.bridge)))?;
         let c = link::link_by_name(&cont, &req.ifname)
-            .await
             .cni()?
             .ok_or_else(|| internal(format!("container interface {} not found", req.ifname)))?;
         let want = prev
@@ -555,7 +557,6 @@ impl BridgePlugin {
             .peer_index
             .ok_or_else(|| internal(format!("{} is not a veth", req.ifname)))?;
         let hv = link::link_by_index(&host, peer)
-            .await
             .cni()?
             .ok_or_else(|| internal(format!("host end of {} not found", req.ifname)))?;
         if hv.master != Some(br.index) {
@@ -575,7 +576,7 @@ impl BridgePlugin {
                 hv.name, hi.name
             )));
         }
-        let addrs = link::addresses(&cont, c.index).await.cni()?;
+        let addrs = link::addresses(&cont, c.index).cni()?;
         for ipc in &prev.ips {
             if ipc.interface.is_some_and(|i| i != want) {
                 continue;
@@ -594,7 +595,7 @@ impl BridgePlugin {
             if wanted.is_empty() {
                 continue;
             }
-            let have = link::routes(&cont, v6).await.cni()?;
+            let have = link::routes(&cont, v6).cni()?;
             for r in wanted {
                 let dst = to_addr(&r.dst.trunc());
                 if !have
@@ -643,37 +644,24 @@ impl Plugin for BridgePlugin {
             .as_ref()
             .ok_or_else(|| CniError::invalid_env("CNI_NETNS is required"))?;
         let ns = NetNs::open(path).map_err(netns_error)?;
-        let rt = runtime()?;
         std::thread::scope(|s| {
-            // (started, running IPAM thread)
-            let ipam_cell = std::sync::Mutex::new((false, None));
-            let start_ipam = || {
-                if let (Some(t), Ok(mut cell)) = (&conf.ipam_type, ipam_cell.lock()) {
-                    *cell = (true, Some(s.spawn(move || ipam_add(req, t))));
-                }
+            let mut ipam = IpamRun {
+                in_process: None,
+                running: None,
+                leased: false,
             };
-            let join_ipam = || -> Result<Option<CniResult>, CniError> {
-                let h = ipam_cell
-                    .lock()
-                    .map_err(|_| internal("ipam lock"))?
-                    .1
-                    .take();
-                match h {
-                    None => Ok(None),
-                    Some(h) => h
-                        .join()
-                        .map_err(|_| internal("IPAM thread panicked"))?
-                        .map(Some),
-                }
-            };
-            let res = rt.block_on(self.add_async(req, &conf, &ns, &start_ipam, &join_ipam));
-            let started = ipam_cell.lock().map(|c| c.0).unwrap_or(true);
+            match conf.ipam_type.as_deref() {
+                Some(t) if in_process_ipam(req, t) => ipam.in_process = Some(req),
+                Some(t) => ipam.running = Some(s.spawn(move || req.delegate_add(t))),
+                None => {}
+            }
+            let res = self.add_links(req, &conf, &ns, &mut ipam);
+            // Release what IPAM leased (nothing when it failed itself: e.g. a duplicate ADD must
+            // keep the first lease).
             if res.is_err()
-                && started
                 && let Some(t) = &conf.ipam_type
+                && ipam.settle()
             {
-                // Wait for IPAM if it is still running, then release whatever it leased.
-                let _ = join_ipam();
                 let _ = ipam_del(req, t);
             }
             res
@@ -682,8 +670,17 @@ impl Plugin for BridgePlugin {
 
     fn del(&self, req: &Request) -> Result<(), CniError> {
         let conf = load(req)?;
-        // IPAM, the interface and the firewall are independent: release them in parallel (the
-        // kernel's removal of a veth pair takes most of the time).
+        // The socket in the container namespace first: deleting the interface (which takes the
+        // host end with it) is what takes long (the kernel waits for RCU grace periods), so it
+        // starts as early as it can, and IPAM and the firewall are released meanwhile.
+        let cont = match &req.netns {
+            None => Ok(None),
+            Some(path) => match NetNs::open(path) {
+                Err(e) if e.is_not_found() => Ok(None),
+                Err(e) => Err(netns_error(e)),
+                Ok(ns) => ns.netlink().map(Some).map_err(netns_error),
+            },
+        };
         std::thread::scope(|s| {
             let ipam = conf
                 .ipam_type
@@ -709,22 +706,11 @@ impl Plugin for BridgePlugin {
                     Ok(())
                 })
             });
-            let link_res = match &req.netns {
+            // One RTM_DELLINK by name; a missing interface is success.
+            let link_res = cont.and_then(|c| match c {
                 None => Ok(()),
-                Some(path) => match NetNs::open(path) {
-                    Err(e) if e.is_not_found() => Ok(()),
-                    Err(e) => Err(netns_error(e)),
-                    Ok(ns) => runtime().and_then(|rt| {
-                        rt.block_on(async {
-                            let cont = ns.netlink().map_err(netns_error)?;
-                            link::del_link_by_name(&cont, &req.ifname)
-                                .await
-                                .map(drop)
-                                .cni()
-                        })
-                    }),
-                },
-            };
+                Some(nl) => link::del_link_by_name(&nl, &req.ifname).map(drop).cni(),
+            });
             let join = |h: Option<std::thread::ScopedJoinHandle<'_, Result<(), CniError>>>| match h
             {
                 None => Ok(()),
@@ -746,8 +732,7 @@ impl Plugin for BridgePlugin {
         if let Some(t) = &conf.ipam_type {
             req.delegate_check(t)?;
         }
-        let rt = runtime()?;
-        rt.block_on(self.check_async(req, &conf, &prev))
+        self.check_links(req, &conf, &prev)
     }
 
     fn gc(&self, req: &Request) -> Result<(), CniError> {

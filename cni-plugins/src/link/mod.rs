@@ -1,27 +1,33 @@
 //! Links, addresses and routes through rtnetlink (never the `ip` command).
 //!
-//! Every function takes an [`rtnetlink::Handle`]; a handle made by
-//! [`crate::netns::NetNs::netlink`] acts inside that namespace, one made by
-//! [`crate::netns::host_netlink`] in the caller's. The veth pair is created with one request from
-//! the host side: the host end gets its name, MTU, bridge and `up` flag, the peer is created
-//! directly inside the container namespace (`IFLA_NET_NS_FD` in the peer message) under its final
-//! name, so nothing is ever moved or renamed afterwards.
+//! Every function takes a blocking [`Netlink`] socket (see [`socket`](Netlink)); one made by
+//! [`crate::netns::NetNs::netlink`] acts inside that namespace, one made by [`Netlink::new`] in
+//! the caller's. The `*_op` functions build requests that [`run`] sends together in one batch.
+//! The veth pair is created with one request from the host side: the host end gets its name,
+//! MTU, bridge and `up` flag, the peer is created directly inside the container namespace
+//! (`IFLA_NET_NS_FD` in the peer message) under its final name, so nothing is ever moved or
+//! renamed afterwards; the kernel echoes the new host end back (`NLM_F_ECHO`), so nothing is
+//! read back either.
+
+mod socket;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::RawFd;
 
-use futures::TryStreamExt;
-use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use netlink_packet_route::link::{
-    BridgeVlanInfoFlags, InfoBridge, InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags,
-    LinkInfo as NlLinkInfo, LinkMessage,
+    BridgeVlanInfoFlags, InfoBridge, InfoData, InfoKind, InfoVeth, LinkAttribute, LinkExtentMask,
+    LinkFlags, LinkInfo as NlLinkInfo, LinkMessage,
 };
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_DUMP, NLM_F_ECHO, NLM_F_EXCL, NLM_F_REPLACE};
 use rtnetlink::{
-    Handle, LinkBridge, LinkBridgePort, LinkBridgeVlan, LinkMessageBuilder, LinkUnspec, LinkVeth,
-    RouteMessageBuilder,
+    AddressMessageBuilder, LinkBridge, LinkBridgePort, LinkBridgeVlan, LinkMessageBuilder,
+    LinkUnspec, LinkVeth, RouteMessageBuilder,
 };
+
+pub use socket::{Netlink, NlError, Reply, Request};
 
 /// Errors from link operations.
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +38,7 @@ pub enum LinkError {
         /// What was being done.
         what: String,
         /// The netlink error.
-        source: rtnetlink::Error,
+        source: NlError,
     },
     /// A link exists with the name but the wrong kind.
     #[error("link {name} already exists and is not a {kind}")]
@@ -69,17 +75,58 @@ pub enum LinkError {
 /// Result alias for this module.
 pub type Result<T> = std::result::Result<T, LinkError>;
 
-fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> LinkError {
+fn nl(what: impl Into<String>) -> impl FnOnce(NlError) -> LinkError {
     let what = what.into();
     move |source| LinkError::Netlink { what, source }
 }
 
 /// The positive errno of a netlink error, if it is one.
-pub fn errno(e: &rtnetlink::Error) -> Option<i32> {
-    match e {
-        rtnetlink::Error::NetlinkError(m) => Some(m.raw_code().abs()),
-        _ => None,
+pub fn errno(e: &NlError) -> Option<i32> {
+    e.errno()
+}
+
+/// One request of a batch ([`run`]) with what it does (for the error) and the errnos that
+/// count as success (e.g. `EEXIST` for an address that is already there).
+#[derive(Debug, Clone)]
+pub struct Op {
+    req: Request,
+    what: String,
+    ok: &'static [i32],
+}
+
+impl Op {
+    fn new(msg: RouteNetlinkMessage, flags: u16, what: String) -> Self {
+        Op {
+            req: Request::new(msg, flags),
+            what,
+            ok: &[],
+        }
     }
+
+    fn tolerating(mut self, ok: &'static [i32]) -> Self {
+        self.ok = ok;
+        self
+    }
+}
+
+/// Sends `ops` in one batch; the first failure (in order) is the error.
+pub fn run(h: &Netlink, ops: Vec<Op>) -> Result<()> {
+    if ops.is_empty() {
+        return Ok(());
+    }
+    let (reqs, meta): (Vec<Request>, Vec<(String, &'static [i32])>) =
+        ops.into_iter().map(|o| (o.req, (o.what, o.ok))).unzip();
+    let replies = h
+        .batch(reqs)
+        .map_err(nl(format!("netlink batch ({})", meta[0].0)))?;
+    for (r, (what, ok)) in replies.into_iter().zip(meta) {
+        match r {
+            Ok(_) => {}
+            Err(e) if errno(&e).is_some_and(|c| ok.contains(&c)) => {}
+            Err(e) => return Err(nl(what)(e)),
+        }
+    }
+    Ok(())
 }
 
 const ENOENT: i32 = 2;
@@ -179,26 +226,47 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     Some(out)
 }
 
-/// Looks a link up by name; `None` when it does not exist.
-pub async fn link_by_name(h: &Handle, name: &str) -> Result<Option<Link>> {
-    let mut s = h.link().get().match_name(name).execute();
-    match s.try_next().await {
-        Ok(Some(m)) => Ok(Some(Link::from_msg(m))),
-        Ok(None) => Ok(None),
+/// The link messages we read back carry no statistics (smaller replies, less to parse).
+fn get_link_msg(index: u32, name: Option<&str>) -> RouteNetlinkMessage {
+    let mut m = LinkMessage::default();
+    m.header.index = index;
+    if let Some(n) = name {
+        m.attributes.push(LinkAttribute::IfName(n.to_string()));
+    }
+    m.attributes
+        .push(LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats]));
+    RouteNetlinkMessage::GetLink(m)
+}
+
+fn one_link(r: Reply, what: impl FnOnce() -> String) -> Result<Option<Link>> {
+    match r {
+        Ok(msgs) => Ok(msgs.into_iter().find_map(|m| match m {
+            RouteNetlinkMessage::NewLink(l) => Some(Link::from_msg(l)),
+            _ => None,
+        })),
         Err(e) if matches!(errno(&e), Some(ENODEV) | Some(ENOENT)) => Ok(None),
-        Err(e) => Err(nl(format!("get link {name}"))(e)),
+        Err(e) => Err(nl(what())(e)),
     }
 }
 
+/// Looks a link up by name; `None` when it does not exist.
+pub fn link_by_name(h: &Netlink, name: &str) -> Result<Option<Link>> {
+    one_link(
+        h.request(Request::new(get_link_msg(0, Some(name)), 0)),
+        || format!("get link {name}"),
+    )
+}
+
 /// Looks a link up by index; `None` when it does not exist.
-pub async fn link_by_index(h: &Handle, index: u32) -> Result<Option<Link>> {
-    let mut s = h.link().get().match_index(index).execute();
-    match s.try_next().await {
-        Ok(Some(m)) => Ok(Some(Link::from_msg(m))),
-        Ok(None) => Ok(None),
-        Err(e) if matches!(errno(&e), Some(ENODEV) | Some(ENOENT)) => Ok(None),
-        Err(e) => Err(nl(format!("get link {index}"))(e)),
-    }
+pub fn link_by_index(h: &Netlink, index: u32) -> Result<Option<Link>> {
+    one_link(
+        h.request(Request::new(get_link_msg(index, None), 0)),
+        || format!("get link {index}"),
+    )
+}
+
+fn new_link(msg: LinkMessage, flags: u16) -> Request {
+    Request::new(RouteNetlinkMessage::NewLink(msg), flags)
 }
 
 /// What a bridge must look like.
@@ -217,9 +285,9 @@ pub struct BridgeSpec {
 /// Creates the bridge or reuses an existing one, and makes sure it is up (and promiscuous and
 /// VLAN-filtering when asked). Fails when a non-bridge link has the name. Returns the bridge and
 /// whether this call created it (then with a fixed random MAC).
-pub async fn ensure_bridge(h: &Handle, spec: &BridgeSpec) -> Result<(Link, bool)> {
+pub fn ensure_bridge(h: &Netlink, spec: &BridgeSpec) -> Result<(Link, bool)> {
     let mut created = false;
-    let br = match link_by_name(h, &spec.name).await? {
+    let br = match link_by_name(h, &spec.name)? {
         Some(l) => l,
         None => {
             // An explicit MAC keeps the bridge's address stable when ports come and go.
@@ -235,14 +303,12 @@ pub async fn ensure_bridge(h: &Handle, spec: &BridgeSpec) -> Result<(Link, bool)
             if spec.vlan_filtering {
                 b = b.append_info_data(InfoBridge::VlanFiltering(true));
             }
-            match h.link().add(b.build()).execute().await {
-                Ok(()) => created = true,
+            match h.request(new_link(b.build(), NLM_F_CREATE | NLM_F_EXCL)) {
+                Ok(_) => created = true,
                 Err(e) if errno(&e) == Some(EEXIST) => {}
                 Err(e) => return Err(nl(format!("create bridge {}", spec.name))(e)),
             }
-            link_by_name(h, &spec.name)
-                .await?
-                .ok_or_else(|| LinkError::NotFound(spec.name.clone()))?
+            link_by_name(h, &spec.name)?.ok_or_else(|| LinkError::NotFound(spec.name.clone()))?
         }
     };
     if br.kind.as_deref() != Some("bridge") {
@@ -256,35 +322,36 @@ pub async fn ensure_bridge(h: &Handle, spec: &BridgeSpec) -> Result<(Link, bool)
     }
     let need_flags = !br.up || (spec.promisc && !br.promisc);
     let need_vlan = spec.vlan_filtering && br.vlan_filtering != Some(true);
+    let mut ops = Vec::new();
     if need_vlan {
         let msg = LinkMessageBuilder::<LinkBridge>::new_with_info_kind(InfoKind::Bridge)
             .index(br.index)
             .append_info_data(InfoBridge::VlanFiltering(true))
             .build();
-        h.link()
-            .change(msg)
-            .execute()
-            .await
-            .map_err(nl(format!("set vlan_filtering on {}", spec.name)))?;
+        ops.push(Op::new(
+            RouteNetlinkMessage::NewLink(msg),
+            0,
+            format!("set vlan_filtering on {}", spec.name),
+        ));
     }
     if need_flags {
         let mut b = LinkUnspec::new_with_index(br.index).up();
         if spec.promisc {
             b = b.promiscuous(true);
         }
-        h.link()
-            .set(b.build())
-            .execute()
-            .await
-            .map_err(nl(format!("set {} up", spec.name)))?;
+        ops.push(Op::new(
+            RouteNetlinkMessage::SetLink(b.build()),
+            0,
+            format!("set {} up", spec.name),
+        ));
     }
-    if need_flags || need_vlan {
-        return link_by_index(h, br.index)
-            .await?
-            .map(|l| (l, false))
-            .ok_or_else(|| LinkError::NotFound(spec.name.clone()));
+    if ops.is_empty() {
+        return Ok((br, false));
     }
-    Ok((br, false))
+    run(h, ops)?;
+    link_by_index(h, br.index)?
+        .map(|l| (l, false))
+        .ok_or_else(|| LinkError::NotFound(spec.name.clone()))
 }
 
 /// An address with its prefix length, as read from or written to a link.
@@ -339,24 +406,23 @@ pub fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
 }
 
 /// The addresses on a link (IPv6 link-local addresses excluded).
-pub async fn addresses(h: &Handle, index: u32) -> Result<Vec<Addr>> {
-    let mut s = h.address().get().set_link_index_filter(index).execute();
-    let mut out = Vec::new();
-    while let Some(m) = s
-        .try_next()
-        .await
-        .map_err(nl(format!("list addresses of link {index}")))?
-    {
-        if m.header.index != index {
-            continue;
-        }
-        if let Some(a) = addr_of(&m)
-            && !is_link_local(a.ip)
-        {
-            out.push(a);
-        }
-    }
-    Ok(out)
+pub fn addresses(h: &Netlink, index: u32) -> Result<Vec<Addr>> {
+    let mut msg = AddressMessage::default();
+    msg.header.index = index;
+    let replies = h
+        .request(Request::new(
+            RouteNetlinkMessage::GetAddress(msg),
+            NLM_F_DUMP,
+        ))
+        .map_err(nl(format!("list addresses of link {index}")))?;
+    Ok(replies
+        .into_iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewAddress(m) if m.header.index == index => addr_of(&m),
+            _ => None,
+        })
+        .filter(|a| !is_link_local(a.ip))
+        .collect())
 }
 
 fn addr_of(m: &AddressMessage) -> Option<Addr> {
@@ -382,38 +448,58 @@ fn is_link_local(ip: IpAddr) -> bool {
     }
 }
 
-/// Adds an address; IPv6 addresses are added without duplicate address detection.
-/// An address that is already there is not an error.
-pub async fn add_address(h: &Handle, index: u32, a: Addr) -> Result<()> {
-    let mut req = h.address().add(index, a.ip, a.prefix);
+/// Adding an address (for a batch); IPv6 addresses are added without duplicate address
+/// detection. An address that is already there is not an error.
+pub fn add_address_op(index: u32, a: Addr) -> Op {
+    let mut msg = match a.ip {
+        IpAddr::V4(ip) => AddressMessageBuilder::<Ipv4Addr>::new()
+            .index(index)
+            .address(ip, a.prefix)
+            .build(),
+        IpAddr::V6(ip) => AddressMessageBuilder::<Ipv6Addr>::new()
+            .index(index)
+            .address(ip, a.prefix)
+            .build(),
+    };
     if a.ip.is_ipv6() {
-        req.message_mut()
-            .attributes
+        msg.attributes
             .push(AddressAttribute::Flags(AddressFlags::Nodad));
     }
-    match req.execute().await {
-        Ok(()) => Ok(()),
-        Err(e) if errno(&e) == Some(EEXIST) => Ok(()),
-        Err(e) => Err(nl(format!("add address {a} to link {index}"))(e)),
-    }
+    Op::new(
+        RouteNetlinkMessage::NewAddress(msg),
+        NLM_F_CREATE | NLM_F_EXCL,
+        format!("add address {a} to link {index}"),
+    )
+    .tolerating(&[EEXIST])
+}
+
+/// Adds an address (see [`add_address_op`]).
+pub fn add_address(h: &Netlink, index: u32, a: Addr) -> Result<()> {
+    run(h, vec![add_address_op(index, a)])
 }
 
 /// Deletes an address from a link; a missing address is not an error.
-pub async fn del_address(h: &Handle, index: u32, a: Addr) -> Result<()> {
+pub fn del_address(h: &Netlink, index: u32, a: Addr) -> Result<()> {
     let mut msg = AddressMessage::default();
     msg.header.family = family(a.ip);
     msg.header.prefix_len = a.prefix;
     msg.header.index = index;
-    msg.attributes.push(AddressAttribute::Local(a.ip));
     if a.ip.is_ipv6() {
-        msg.attributes.pop();
         msg.attributes.push(AddressAttribute::Address(a.ip));
+    } else {
+        msg.attributes.push(AddressAttribute::Local(a.ip));
     }
-    match h.address().del(msg).execute().await {
-        Ok(()) => Ok(()),
-        Err(e) if matches!(errno(&e), Some(EADDRNOTAVAIL) | Some(ENODEV)) => Ok(()),
-        Err(e) => Err(nl(format!("delete address {a} from link {index}"))(e)),
-    }
+    run(
+        h,
+        vec![
+            Op::new(
+                RouteNetlinkMessage::DelAddress(msg),
+                0,
+                format!("delete address {a} from link {index}"),
+            )
+            .tolerating(&[EADDRNOTAVAIL, ENODEV]),
+        ],
+    )
 }
 
 fn family(ip: IpAddr) -> AddressFamily {
@@ -427,13 +513,8 @@ fn family(ip: IpAddr) -> AddressFamily {
 /// Makes sure `want` is on the bridge, with the reference's rules: an identical address is kept;
 /// an IPv4 address of a different value, or an IPv6 address whose subnet overlaps, is a conflict
 /// that `force` resolves by removing the old address and otherwise is an error.
-pub async fn ensure_gateway_address(
-    h: &Handle,
-    bridge: &Link,
-    want: Addr,
-    force: bool,
-) -> Result<()> {
-    let existing = addresses(h, bridge.index).await?;
+pub fn ensure_gateway_address(h: &Netlink, bridge: &Link, want: Addr, force: bool) -> Result<()> {
+    let existing = addresses(h, bridge.index)?;
     for a in existing {
         if a.ip.is_ipv4() != want.ip.is_ipv4() {
             continue;
@@ -451,9 +532,9 @@ pub async fn ensure_gateway_address(
                 want: want.to_string(),
             });
         }
-        del_address(h, bridge.index, a).await?;
+        del_address(h, bridge.index, a)?;
     }
-    add_address(h, bridge.index, want).await
+    add_address(h, bridge.index, want)
 }
 
 /// A veth pair to create.
@@ -502,17 +583,18 @@ pub fn random_mac() -> [u8; 6] {
 }
 
 fn fill_random(buf: &mut [u8]) -> bool {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(buf))
-        .is_ok()
+    // getrandom(2): no file to open; the pool is initialised long before any plugin runs.
+    // SAFETY: the pointer and length describe `buf`, which is valid for writes.
+    let n = unsafe { nix::libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    usize::try_from(n).is_ok_and(|n| n == buf.len())
 }
 
 /// Creates the veth pair in one request: the host end up, with its MTU and attached to the
 /// bridge; the peer directly in the container namespace under its final name (down: the kernel
 /// refuses to open a peer in another namespace during creation).
-/// Returns the host end. `Exists` when the host name is taken (the caller retries with another).
-pub async fn create_veth(h: &Handle, spec: &VethSpec) -> Result<Link> {
+/// Returns the host end (from the kernel's echo of the request, else read back). `Exists` when
+/// a name is taken (the host name, or the peer's in the container namespace).
+pub fn create_veth(h: &Netlink, spec: &VethSpec) -> Result<Link> {
     let mut peer = LinkMessageBuilder::<LinkUnspec>::new()
         .name(spec.peer_name.clone())
         .setns_by_fd(spec.peer_netns_fd);
@@ -531,8 +613,11 @@ pub async fn create_veth(h: &Handle, spec: &VethSpec) -> Result<Link> {
     if let Some(m) = spec.master {
         b = b.controller(m);
     }
-    match h.link().add(b.build()).execute().await {
-        Ok(()) => {}
+    let echoed = match h.request(new_link(b.build(), NLM_F_CREATE | NLM_F_EXCL | NLM_F_ECHO)) {
+        Ok(msgs) => msgs.into_iter().find_map(|m| match m {
+            RouteNetlinkMessage::NewLink(l) => Some(Link::from_msg(l)),
+            _ => None,
+        }),
         Err(e) if errno(&e) == Some(EEXIST) => {
             return Err(LinkError::Exists(spec.host_name.clone()));
         }
@@ -542,62 +627,97 @@ pub async fn create_veth(h: &Handle, spec: &VethSpec) -> Result<Link> {
                 spec.host_name, spec.peer_name
             ))(e));
         }
+    };
+    // The echo is sent before the host end joins the bridge: fill that in.
+    match echoed {
+        Some(mut l) if l.name == spec.host_name && l.index != 0 && l.peer_index.is_some() => {
+            if spec.master.is_some() {
+                l.master = spec.master;
+            }
+            Ok(l)
+        }
+        _ => link_by_name(h, &spec.host_name)?
+            .ok_or_else(|| LinkError::NotFound(spec.host_name.clone())),
     }
-    link_by_name(h, &spec.host_name)
-        .await?
-        .ok_or_else(|| LinkError::NotFound(spec.host_name.clone()))
+}
+
+/// Setting hairpin mode on a bridge port (for a batch).
+pub fn hairpin_op(index: u32, on: bool) -> Op {
+    Op::new(
+        RouteNetlinkMessage::NewLink(LinkBridgePort::new(index).hairpin(on).build()),
+        0,
+        format!("set hairpin on link {index}"),
+    )
 }
 
 /// Sets hairpin mode on a bridge port.
-pub async fn set_hairpin(h: &Handle, index: u32, on: bool) -> Result<()> {
-    h.link()
-        .set_port(LinkBridgePort::new(index).hairpin(on).build())
-        .execute()
-        .await
-        .map_err(nl(format!("set hairpin on link {index}")))
+pub fn set_hairpin(h: &Netlink, index: u32, on: bool) -> Result<()> {
+    run(h, vec![hairpin_op(index, on)])
 }
 
-/// Makes `vid` the untagged PVID of a bridge port (`bridge vlan add vid V pvid untagged`).
-pub async fn set_port_vlan(h: &Handle, index: u32, vid: u16) -> Result<()> {
+/// Making `vid` the untagged PVID of a bridge port (`bridge vlan add vid V pvid untagged`),
+/// for a batch.
+pub fn port_vlan_op(index: u32, vid: u16) -> Op {
     let msg = LinkBridgeVlan::new(index)
         .vlan(
             vid,
             BridgeVlanInfoFlags::Pvid | BridgeVlanInfoFlags::Untagged,
         )
         .build();
-    h.link()
-        .set(msg)
-        .execute()
-        .await
-        .map_err(nl(format!("set vlan {vid} on link {index}")))
+    Op::new(
+        RouteNetlinkMessage::SetLink(msg),
+        0,
+        format!("set vlan {vid} on link {index}"),
+    )
+}
+
+/// Makes `vid` the untagged PVID of a bridge port.
+pub fn set_port_vlan(h: &Netlink, index: u32, vid: u16) -> Result<()> {
+    run(h, vec![port_vlan_op(index, vid)])
+}
+
+/// Bringing a link up (for a batch).
+pub fn set_up_op(index: u32) -> Op {
+    Op::new(
+        RouteNetlinkMessage::SetLink(LinkUnspec::new_with_index(index).up().build()),
+        0,
+        format!("set link {index} up"),
+    )
 }
 
 /// Brings a link up.
-pub async fn set_up(h: &Handle, index: u32) -> Result<()> {
-    h.link()
-        .set(LinkUnspec::new_with_index(index).up().build())
-        .execute()
-        .await
-        .map_err(nl(format!("set link {index} up")))
+pub fn set_up(h: &Netlink, index: u32) -> Result<()> {
+    run(h, vec![set_up_op(index)])
+}
+
+/// Brings a link down.
+pub fn set_down(h: &Netlink, index: u32) -> Result<()> {
+    let msg = LinkUnspec::new_with_index(index).down().build();
+    h.request(Request::new(RouteNetlinkMessage::SetLink(msg), 0))
+        .map(drop)
+        .map_err(nl(format!("set link {index} down")))
 }
 
 /// Deletes a link by index; a missing link is not an error.
-pub async fn del_link(h: &Handle, index: u32) -> Result<()> {
-    match h.link().del(index).execute().await {
-        Ok(()) => Ok(()),
+pub fn del_link(h: &Netlink, index: u32) -> Result<()> {
+    let mut m = LinkMessage::default();
+    m.header.index = index;
+    match h.request(Request::new(RouteNetlinkMessage::DelLink(m), 0)) {
+        Ok(_) => Ok(()),
         Err(e) if matches!(errno(&e), Some(ENODEV) | Some(ENOENT)) => Ok(()),
         Err(e) => Err(nl(format!("delete link {index}"))(e)),
     }
 }
 
-/// Deletes a link by name. Returns whether it existed.
-pub async fn del_link_by_name(h: &Handle, name: &str) -> Result<bool> {
-    match link_by_name(h, name).await? {
-        Some(l) => {
-            del_link(h, l.index).await?;
-            Ok(true)
-        }
-        None => Ok(false),
+/// Deletes a link by name, in one request (the kernel looks the name up). Returns whether it
+/// existed.
+pub fn del_link_by_name(h: &Netlink, name: &str) -> Result<bool> {
+    let mut m = LinkMessage::default();
+    m.attributes.push(LinkAttribute::IfName(name.to_string()));
+    match h.request(Request::new(RouteNetlinkMessage::DelLink(m), 0)) {
+        Ok(_) => Ok(true),
+        Err(e) if matches!(errno(&e), Some(ENODEV) | Some(ENOENT)) => Ok(false),
+        Err(e) => Err(nl(format!("delete link {name}"))(e)),
     }
 }
 
@@ -612,9 +732,9 @@ pub struct Route {
     pub oif: Option<u32>,
 }
 
-/// Adds a route (replacing an identical destination's route); a gateway-less route is scoped
-/// to the link.
-pub async fn add_route(h: &Handle, r: &Route) -> Result<()> {
+/// Adding a route (replacing an identical destination's route), for a batch; a gateway-less
+/// route is scoped to the link.
+pub fn add_route_op(r: &Route) -> Op {
     let msg: RouteMessage = match (r.dst.ip, r.gw) {
         (IpAddr::V4(d), gw) => {
             let mut b = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(d, r.dst.prefix);
@@ -639,24 +759,35 @@ pub async fn add_route(h: &Handle, r: &Route) -> Result<()> {
             b.build()
         }
     };
-    h.route()
-        .add(msg)
-        .replace()
-        .execute()
-        .await
-        .map_err(nl(format!("add route {}", r.dst)))
+    Op::new(
+        RouteNetlinkMessage::NewRoute(msg),
+        NLM_F_CREATE | NLM_F_REPLACE,
+        format!("add route {}", r.dst),
+    )
+}
+
+/// Adds a route (see [`add_route_op`]).
+pub fn add_route(h: &Netlink, r: &Route) -> Result<()> {
+    run(h, vec![add_route_op(r)])
 }
 
 /// The main-table routes of one family (`v6` selects IPv6).
-pub async fn routes(h: &Handle, v6: bool) -> Result<Vec<Route>> {
-    let msg = if v6 {
-        RouteMessageBuilder::<Ipv6Addr>::new().build()
+pub fn routes(h: &Netlink, v6: bool) -> Result<Vec<Route>> {
+    // Only the family: with strict checking the kernel would filter on any other field set.
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = if v6 {
+        AddressFamily::Inet6
     } else {
-        RouteMessageBuilder::<Ipv4Addr>::new().build()
+        AddressFamily::Inet
     };
-    let mut s = h.route().get(msg).execute();
+    let replies = h
+        .request(Request::new(RouteNetlinkMessage::GetRoute(msg), NLM_F_DUMP))
+        .map_err(nl("list routes"))?;
     let mut out = Vec::new();
-    while let Some(m) = s.try_next().await.map_err(nl("list routes"))? {
+    for m in replies {
+        let RouteNetlinkMessage::NewRoute(m) = m else {
+            continue;
+        };
         if m.header.table != 254 {
             continue;
         }
