@@ -11,8 +11,8 @@ PKGS=(
   # test bed
   docker-registry apache2-utils containerd runc etcd-server openssl busybox-static
   containernetworking-plugins iproute2 iptables nftables procps psmisc
-  # the peer of deckhand-monitor in hack/bench/monitor.sh
-  conmon
+  # peers in the benchmarks: conmon (hack/bench/monitor.sh), crun (hack/bench/runtime.sh)
+  conmon crun
   # building kube-apiserver & co. from Debian's source package
   golang-go rsync dpkg-dev
   # the pure cgroup v2 tests boot Debian's kernel under QEMU (this host's cgroups are hybrid)

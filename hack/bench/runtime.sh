@@ -10,6 +10,9 @@ set -euo pipefail
 N=${1:-100}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 RUNC=${RUNC:-runc}
+# crun (Debian's), the C runtime the issue names as the speed to reach, when installed: a third
+# column, so the ratios show what this machine allows.
+CRUN=${CRUN:-$(command -v crun || true)}
 [ "$(id -u)" = 0 ] || { echo "runtime.sh: run as root" >&2; exit 1; }
 command -v "$RUNC" >/dev/null || { echo "runtime.sh: $RUNC missing (apt-get install runc)" >&2; exit 1; }
 [ -x /bin/busybox ] || { echo "runtime.sh: /bin/busybox missing (apt-get install busybox-static)" >&2; exit 1; }
@@ -20,11 +23,14 @@ TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps 2>/dev/nu
   sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 OURS=${TARGET_DIR:-$ROOT/target}/release/deckhand-runc
 
+IMPLS="ours ref"; [ -n "$CRUN" ] && IMPLS="ours ref crun"
+bin_of() { case $1 in ours) echo "$OURS" ;; ref) echo "$RUNC" ;; crun) echo "$CRUN" ;; esac; }
+
 WORK=$(mktemp -d /tmp/dh-bench-runtime.XXXXXX)
 cleanup() {
   set +e
-  for r in ours ref; do
-    bin=$OURS; [ $r = ref ] && bin=$RUNC
+  for r in ours ref crun; do
+    bin=$(bin_of $r)
     for d in "$WORK/root-$r"/*/; do
       [ -d "$d" ] && "$bin" --root "$WORK/root-$r" delete --force "$(basename "$d")" >/dev/null 2>&1
     done
@@ -43,7 +49,7 @@ grep -q '"/bin/true"' "$B/config.json" || { echo "runtime.sh: could not set the 
 
 # one IMPL I: run + delete of container dhbench-IMPL-I; appends the wall time (ns).
 one() {
-  local bin=$OURS; [ "$1" = ref ] && bin=$RUNC
+  local bin; bin=$(bin_of "$1")
   local id=dhbench-$1-$2 t0 t1
   t0=$(date +%s%N)
   "$bin" --root "$WORK/root-$1" run --bundle "$B" "$id" >/dev/null 2>"$WORK/err" || {
@@ -53,11 +59,17 @@ one() {
   echo $((t1 - t0)) >>"$WORK/$1"
 }
 
-# Warm up both (page cache, first cgroup creation).
-for i in 1 2 3; do one ours w$i; one ref w$i; done
-: >"$WORK/ours"; : >"$WORK/ref"
+# crun refuses some layouts (on a hybrid host with a controller in the cgroup2 tree: "cgroups in
+# hybrid mode not supported"): then it is left out, with its reason.
+if [ -n "$CRUN" ] && ! one crun probe 2>"$WORK/crun-err"; then
+  echo "runtime.sh: crun left out: $(tail -1 "$WORK/crun-err")" >&2
+  CRUN=; IMPLS="ours ref"
+fi
+# Warm up (page cache, first cgroup creation).
+for i in 1 2 3; do for impl in $IMPLS; do one "$impl" "w$i"; done; done
+for impl in $IMPLS; do : >"$WORK/$impl"; done
 half=$((N / 2))
-for order in "ours ref" "ref ours"; do
+for order in "$IMPLS" "$(echo "$IMPLS" | tr ' ' '\n' | tac | tr '\n' ' ')"; do
   for impl in $order; do
     for i in $(seq 1 "$half"); do one "$impl" "${order// /}-$i"; done
   done
@@ -81,7 +93,7 @@ grep -q dhbench-mem "$MB/config.json" || { echo "runtime.sh: could not set cgrou
 if [ -d /sys/fs/cgroup/memory ]; then PEAK=/sys/fs/cgroup/memory/dhbench-mem/memory.max_usage_in_bytes
 else PEAK=/sys/fs/cgroup/dhbench-mem/memory.peak; fi
 mem_one() { # IMPL I: appends the peak bytes
-  local bin=$OURS; [ "$1" = ref ] && bin=$RUNC
+  local bin; bin=$(bin_of "$1")
   local id=dhbench-mem-$1-$2 st
   "$bin" --root "$WORK/root-$1" create --bundle "$MB" "$id" </dev/null >/dev/null 2>"$WORK/err" || {
     echo "runtime.sh: $1 create failed: $(cat "$WORK/err")" >&2; return 1; }
@@ -94,7 +106,7 @@ mem_one() { # IMPL I: appends the peak bytes
   cat "$PEAK" >>"$WORK/mem-$1" 2>/dev/null || echo "runtime.sh: no $PEAK" >&2
   "$bin" --root "$WORK/root-$1" delete --force "$id" >/dev/null 2>&1 || true
 }
-for i in $(seq 1 10); do mem_one ours "$i"; mem_one ref "$i"; done
+for i in $(seq 1 10); do for impl in $IMPLS; do mem_one "$impl" "$i"; done; done
 kib() { sort -n "$1" | awk '{a[NR]=$1} END { printf "%.0f", a[int((NR + 1) / 2)] / 1024 }'; }
 
 read -r om op <<<"$(stat "$WORK/ours")"
@@ -102,10 +114,19 @@ read -r rm rp <<<"$(stat "$WORK/ref")"
 printf '\n%s x (run + delete) of /bin/true, same bundle, ABBA order; ms\n\n' "$((2 * half))"
 printf '%-14s %10s %10s\n' runtime median p99
 printf '%-14s %10s %10s\n' deckhand-runc "$om" "$op" runc "$rm" "$rp"
+if [ -n "$CRUN" ]; then
+  read -r cm cp <<<"$(stat "$WORK/crun")"
+  printf '%-14s %10s %10s\n' crun "$cm" "$cp"
+fi
 printf '%-14s %10s %10s\n' "ours/runc" "$(ratio "$om" "$rm")" "$(ratio "$op" "$rp")"
+if [ -n "$CRUN" ]; then
+  printf '%-14s %10s %10s\n' "crun/runc" "$(ratio "$cm" "$rm")" "$(ratio "$cp" "$rp")"
+  printf '%-14s %10s %10s\n' "ours/crun" "$(ratio "$om" "$cm")" "$(ratio "$op" "$cp")"
+fi
 if [ -s "$WORK/mem-ours" ] && [ -s "$WORK/mem-ref" ]; then
   mo=$(kib "$WORK/mem-ours"); mr=$(kib "$WORK/mem-ref")
   printf '\npeak memory charged to the container cgroup during start (median of 10); KiB\n\n'
   printf '%-14s %10s\n' deckhand-runc "$mo" runc "$mr"
+  [ -s "$WORK/mem-crun" ] && printf '%-14s %10s\n' crun "$(kib "$WORK/mem-crun")"
   printf '%-14s %10s\n' "ours/runc" "$(ratio "$mo" "$mr")"
 fi

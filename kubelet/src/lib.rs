@@ -24,8 +24,8 @@
 //!   run, pods, healthz) with x509/TokenReview authentication and Webhook authorization.
 //!
 //! Standalone mode (no `--kubeconfig`) runs static pods only. Not implemented yet (see the
-//! kubelet issue): sidecars, gRPC probes, PVC/CSI volumes, eviction of pods, admission against
-//! allocatable, pod-level cgroup limits.
+//! kubelet issue): sidecars, gRPC probes, PVC/CSI volumes, eviction of pods, critical-pod
+//! preemption, pod-level cgroup limits.
 
 pub mod conditions;
 pub mod config;
@@ -150,6 +150,7 @@ struct PodsSetup {
     client: Option<kube::Client>,
     runtime: Arc<runtime::RuntimeClient>,
     memory_capacity: u64,
+    machine: machine::MachineInfo,
     node_ip: Option<std::net::IpAddr>,
     node_state: Option<watch::Receiver<NodeState>>,
 }
@@ -164,12 +165,19 @@ fn start_pods(
         client,
         runtime,
         memory_capacity,
+        machine,
         node_ip,
         node_state,
     } = setup;
     let host_dns = std::fs::read_to_string("/etc/resolv.conf")
         .map(|t| pods::spec::parse_resolv_conf(&t))
         .unwrap_or_default();
+    // One list+watch of Services shared by every pod worker, for service variables.
+    let services = client.as_ref().map(|c| {
+        let (cache, task) = pods::services::ServiceCache::start(c.clone(), shutdown.clone());
+        tasks.spawn(task);
+        cache
+    });
     let ctx = Arc::new(pods::worker::Context {
         runtime: runtime.clone(),
         client: client.clone(),
@@ -189,6 +197,11 @@ fn start_pods(
         exec: Arc::new(pods::probes::ExecClient::new(
             config.kubelet.container_runtime_endpoint.clone(),
         )),
+        services,
+        node: pods::worker::LocalNode {
+            config: config.clone(),
+            machine,
+        },
     });
     let mut sources = std::collections::HashSet::new();
     if client.is_some() {
@@ -292,6 +305,7 @@ async fn standalone(
         client: None,
         runtime,
         memory_capacity: machine.memory_bytes,
+        machine: machine.clone(),
         node_ip,
         node_state: None,
     };
@@ -332,6 +346,7 @@ async fn cluster(
         client: Some(client.clone()),
         runtime: runtime.clone(),
         memory_capacity: machine.memory_bytes,
+        machine: machine.clone(),
         node_ip: Some(node_ip),
         node_state: Some(state_rx.clone()),
     };

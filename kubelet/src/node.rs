@@ -210,18 +210,8 @@ impl NodeController {
             .inspect_err(|e| tracing::warn!("{e}"))
             .ok();
         let kc = &self.config.kubelet;
-        let capacity = resources::capacity(
-            &self.machine,
-            root_fs.as_ref(),
-            kc.max_pods,
-            kc.pods_per_core,
-        );
-        let allocatable = resources::allocatable(
-            &capacity,
-            &kc.system_reserved,
-            &kc.kube_reserved,
-            &kc.eviction_hard,
-        );
+        let (capacity, allocatable) =
+            capacity_and_allocatable(&self.config, &self.machine, root_fs.as_ref());
 
         let observations = observe_signals(root_fs.as_ref(), image_fs_path.as_deref());
         let met = eviction::thresholds_met(&kc.eviction_hard, &observations);
@@ -250,19 +240,7 @@ impl NodeController {
     }
 
     fn labels(&self) -> BTreeMap<String, String> {
-        let mut l = self.config.node_labels.clone();
-        let os = &self.machine.operating_system;
-        let arch = &self.machine.architecture;
-        for (k, v) in [
-            ("kubernetes.io/hostname", &self.config.hostname),
-            ("kubernetes.io/os", os),
-            ("kubernetes.io/arch", arch),
-            ("beta.kubernetes.io/os", os),
-            ("beta.kubernetes.io/arch", arch),
-        ] {
-            l.insert(k.to_string(), v.clone());
-        }
-        l
+        node_labels(&self.config, &self.machine)
     }
 
     fn addresses(&self) -> Vec<NodeAddress> {
@@ -626,6 +604,41 @@ fn observe_signals(root_fs: Option<&machine::FsStats>, image_fs: Option<&Path>) 
         Err(e) => tracing::debug!("PID statistics: {e}"),
     }
     o
+}
+
+/// The node's capacity and allocatable from the machine and the configuration: what the Node
+/// reports and what pods are admitted against.
+pub fn capacity_and_allocatable(
+    config: &Config,
+    machine: &MachineInfo,
+    root_fs: Option<&machine::FsStats>,
+) -> (ResourceList, ResourceList) {
+    let kc = &config.kubelet;
+    let capacity = resources::capacity(machine, root_fs, kc.max_pods, kc.pods_per_core);
+    let allocatable = resources::allocatable(
+        &capacity,
+        &kc.system_reserved,
+        &kc.kube_reserved,
+        &kc.eviction_hard,
+    );
+    (capacity, allocatable)
+}
+
+/// The labels the kubelet registers the Node with.
+pub fn node_labels(config: &Config, machine: &MachineInfo) -> BTreeMap<String, String> {
+    let mut l = config.node_labels.clone();
+    let os = &machine.operating_system;
+    let arch = &machine.architecture;
+    for (k, v) in [
+        ("kubernetes.io/hostname", &config.hostname),
+        ("kubernetes.io/os", os),
+        ("kubernetes.io/arch", arch),
+        ("beta.kubernetes.io/os", os),
+        ("beta.kubernetes.io/arch", arch),
+    ] {
+        l.insert(k.to_string(), v.clone());
+    }
+    l
 }
 
 /// The images to report: largest first, at most `max` (-1: all), each with at most

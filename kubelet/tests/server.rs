@@ -564,7 +564,10 @@ async fn kubectl_logs_exec_attach_and_port_forward_through_the_api_server() -> R
         })
     })
     .await?;
-    assert!(out.starts_with("started\nline 0\nline 1\n"), "{out:?}");
+    // stderr and stdout are two pipes: their lines interleave in any order.
+    assert!(out.lines().any(|l| l == "started"), "{out:?}");
+    let stdout: Vec<&str> = out.lines().filter(|l| *l != "started").collect();
+    assert!(stdout.starts_with(&["line 0", "line 1"]), "{out:?}");
     let out = bed.kubectl_out(&["logs", "web", "-c", "main", "--tail=2"])?;
     ensure!(out.status.success(), "{out:?}");
     let text = String::from_utf8(out.stdout)?;

@@ -2,7 +2,8 @@
 //! (ConfigMaps and Secrets, with prefix and optional; keys that are not valid variable names
 //! are skipped), then `env` in order with `$(VAR)` expansion of `value`, `fieldRef`,
 //! `resourceFieldRef` (limits default to the node's allocatable), `configMapKeyRef` and
-//! `secretKeyRef`. ConfigMaps and Secrets are read from the pod's namespace through the API
+//! `secretKeyRef`, then the service variables ([`super::services`]) the container does not
+//! define (they are visible to `$(VAR)`). ConfigMaps and Secrets are read from the pod's namespace through the API
 //! ([`fetch_objects`]) before the pure [`environment`] runs; a kubelet without an API client
 //! (standalone) refuses references to them with a clear error.
 
@@ -119,6 +120,9 @@ pub struct Resolved {
     pub etc_hosts: Option<std::path::PathBuf>,
     /// A fresh host file for this container's `terminationMessagePath`.
     pub termination_log: Option<std::path::PathBuf>,
+    /// The service variables ([`super::services::service_env`]): after `envFrom` and `env`,
+    /// which override them, and visible to their `$(VAR)` expansion.
+    pub services: BTreeMap<String, String>,
 }
 
 /// The names of the ConfigMaps and Secrets `containers` (their env and envFrom) and, with
@@ -401,9 +405,20 @@ pub fn environment_checked(
             }
         } else {
             let v = e.value.clone().unwrap_or_default();
-            expand(&v, &|n| seen.get(n).cloned())
+            expand(&v, &|n| {
+                seen.get(n).or_else(|| resolved.services.get(n)).cloned()
+            })
         };
         set(&mut out, &mut seen, &e.name, value);
+    }
+    // Service variables last, unless the container defines them (as upstream).
+    for (k, v) in &resolved.services {
+        if !seen.contains_key(k) {
+            out.push(KeyValue {
+                key: k.clone(),
+                value: v.clone(),
+            });
+        }
     }
     Ok((out, invalid))
 }
@@ -471,7 +486,8 @@ pub async fn node_allocatable(ctx: &Context) -> Allocatable {
 }
 
 /// What `containers` (and, with `volumes`, the pod's volumes) read beyond the pod: the
-/// ConfigMaps and Secrets of its namespace and the node's allocatable.
+/// ConfigMaps and Secrets of its namespace, the node's allocatable and, for containers, the
+/// service variables from the kubelet's Service cache.
 pub async fn resolve(
     ctx: &Context,
     pod: &Pod,
@@ -485,9 +501,18 @@ pub async fn resolve(
     } else {
         Allocatable::default()
     };
+    // Service variables for a container's environment (none in standalone mode).
+    let services = match &ctx.services {
+        Some(cache) if !containers.is_empty() => {
+            let links = spec::spec(pod).enable_service_links.unwrap_or(true);
+            cache.env(spec::ids(pod).1, links).await?
+        }
+        _ => BTreeMap::new(),
+    };
     Ok(Resolved {
         objects,
         allocatable,
+        services,
         ..Default::default()
     })
 }
@@ -625,6 +650,61 @@ mod tests {
         let err = environment(&missing, c, &RuntimeFacts::default(), &standalone)
             .expect_err("standalone");
         assert!(err.contains("no API client"), "{err}");
+    }
+
+    #[test]
+    fn service_variables_come_last_and_expand() {
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "n", "uid": "u"},
+            "spec": {"containers": [{"name": "c",
+                "envFrom": [{"configMapRef": {"name": "cm"}}],
+                "env": [
+                    {"name": "WEB_SERVICE_PORT", "value": "8080"},
+                    {"name": "URL", "value": "http://$(WEB_SERVICE_HOST):$(WEB_SERVICE_PORT)/$(WEB_PORT)"},
+                    {"name": "O", "valueFrom": {"configMapKeyRef": {"name": "cm", "key": "no", "optional": true}}},
+                ]}]}
+        }));
+        let cm: ConfigMap = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "cm"}, "data": {"WEB_PORT": "cm"}}))
+        .expect("cm");
+        let resolved = Resolved {
+            objects: Objects {
+                api: true,
+                namespace: "n".into(),
+                config_maps: HashMap::from([("cm".to_string(), Some(cm))]),
+                ..Default::default()
+            },
+            services: BTreeMap::from(
+                [
+                    ("WEB_SERVICE_HOST", "10.0.0.1"),
+                    ("WEB_SERVICE_PORT", "80"),
+                    ("WEB_PORT", "tcp://10.0.0.1:80"),
+                    ("O", "service"),
+                ]
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+            ),
+            ..Default::default()
+        };
+        let env = environment(
+            &p,
+            &spec::spec(&p).containers[0],
+            &RuntimeFacts::default(),
+            &resolved,
+        )
+        .expect("env");
+        let kv: Vec<(String, String)> = env.into_iter().map(|k| (k.key, k.value)).collect();
+        let want = [
+            ("WEB_PORT", "cm"),
+            ("WEB_SERVICE_PORT", "8080"),
+            ("URL", "http://10.0.0.1:8080/cm"),
+            // An optional reference that is missing leaves the service variable.
+            ("O", "service"),
+            ("WEB_SERVICE_HOST", "10.0.0.1"),
+        ];
+        assert_eq!(
+            kv,
+            want.map(|(a, b)| (a.to_string(), b.to_string())).to_vec()
+        );
     }
 
     #[test]

@@ -8,15 +8,22 @@
 //!   on [`crate::reconcile::run`], waking it when its pod changes or the runtime reports a
 //!   change of its containers. Once every source has synced, runtime sandboxes of this node
 //!   whose pod is gone are stopped and removed by a worker with no desired pod (orphans).
+//! * New pods are admitted ([`admission`]) once every source has synced, before a worker
+//!   starts anything: the pods the runtime had running when the manager started first (always
+//!   admitted, so a restart refuses no running pod), then by creation time, against the
+//!   admitted pods that are not terminal. A refused pod's worker only reports it Failed with
+//!   upstream's reason and a Warning Event. The decision is made once per UID.
 //! * [`runtime_events`]: `GetContainerEvents` when the runtime has it; otherwise (containerd
 //!   1.6) a relist every [`RELIST_PERIOD`] as the safety net.
 //! * [`mirror::MirrorController`] keeps a mirror pod on the API server for every static pod.
 
+pub mod admission;
 pub mod env;
 pub mod hooks;
 pub mod mirror;
 pub mod probes;
 pub mod secrets;
+pub mod services;
 pub mod spec;
 pub mod static_pods;
 pub mod status;
@@ -62,6 +69,8 @@ pub struct Desired {
     pub source: Source,
     /// Gone from its source: stop it.
     pub removed: bool,
+    /// Refused by admission: never started, reported Failed with this reason.
+    pub rejected: Option<admission::Rejection>,
 }
 
 /// What the manager is told.
@@ -79,12 +88,18 @@ pub enum ManagerEvent {
     RuntimeChanged(Vec<String>),
     /// The pods the runtime has for this node, with their grace periods (for orphans).
     RuntimePods(Vec<(String, String, String, i64)>),
+    /// A worker's pod reached a terminal phase (it no longer counts for admission).
+    Finished(String),
 }
 
 struct Handle {
     desired: watch::Sender<Desired>,
     trigger: Trigger,
     stop: CancellationToken,
+    /// Admitted: its requests count against the node while it is not terminal.
+    admitted: bool,
+    /// Its worker reported a terminal phase.
+    finished: bool,
 }
 
 /// Keeps the desired pods and their workers.
@@ -97,6 +112,10 @@ pub struct PodManager {
     statics: watch::Sender<BTreeMap<String, Pod>>,
     mirrors: watch::Sender<BTreeMap<String, Pod>>,
     shutdown: CancellationToken,
+    /// New pods waiting for admission (until every source has synced), by UID.
+    pending: HashMap<String, (Source, Pod)>,
+    /// The UIDs of the pods the runtime had running when the manager started (admitted first).
+    running_at_start: Option<HashSet<String>>,
 }
 
 fn uid_of(pod: &Pod) -> Option<String> {
@@ -143,6 +162,8 @@ impl PodManager {
             statics: watch::channel(BTreeMap::new()).0,
             mirrors: watch::channel(BTreeMap::new()).0,
             shutdown,
+            pending: HashMap::new(),
+            running_at_start: None,
         };
         (manager, tx, rx)
     }
@@ -159,12 +180,24 @@ impl PodManager {
 
     fn set(&mut self, source: Source, pod: Pod, removed: bool) {
         let Some(uid) = uid_of(&pod) else { return };
-        let desired = Desired {
+        if self.pending.contains_key(&uid) || (!removed && !self.workers.contains_key(&uid)) {
+            // Not admitted yet: started (or refused) by `admit_pending`; a removed pod that
+            // was never started is just forgotten.
+            if removed {
+                self.pending.remove(&uid);
+            } else {
+                self.pending.insert(uid, (source, pod));
+            }
+            return;
+        }
+        let mut desired = Desired {
             pod: Arc::new(pod),
             source,
             removed,
+            rejected: None,
         };
         if let Some(h) = self.workers.get(&uid) {
+            desired.rejected = h.desired.borrow().rejected.clone();
             // A change of status only (the kubelet's own patches) does not wake the worker.
             let wake = removed != h.desired.borrow().removed
                 || desired_changed(&h.desired.borrow().pod, &desired.pod);
@@ -174,6 +207,11 @@ impl PodManager {
             }
             return;
         }
+        self.spawn(uid, desired, false);
+    }
+
+    fn spawn(&mut self, uid: String, desired: Desired, admitted: bool) {
+        let source = desired.source;
         tracing::info!(pod = %spec::full_name(&desired.pod), pod_uid = %uid, ?source, "new pod worker");
         let (dtx, drx) = watch::channel(desired);
         let trigger = Trigger::default();
@@ -186,8 +224,131 @@ impl PodManager {
                 desired: dtx,
                 trigger,
                 stop,
+                admitted,
+                finished: false,
             },
         );
+    }
+
+    /// The admitted pods that still count against the node: not terminal, worker not done.
+    fn active_pods(&self) -> Vec<Arc<Pod>> {
+        self.workers
+            .values()
+            .filter(|h| h.admitted && !h.finished)
+            .map(|h| h.desired.borrow().pod.clone())
+            .filter(|p| !admission::is_terminal(p))
+            .collect()
+    }
+
+    /// Whether every source has synced and the runtime's running pods are known.
+    fn ready_to_admit(&self) -> bool {
+        self.running_at_start.is_some() && self.sources.iter().all(|s| self.synced.contains(s))
+    }
+
+    /// What admission knows of the node: the Node's labels from the API server (the kubelet's
+    /// own labels when it has no client or the Node is not registered yet) and the allocatable
+    /// the node controller reports. `None` when the API server could not be asked.
+    async fn node_info(&self) -> Option<admission::NodeInfo> {
+        let local = &self.ctx.node;
+        let root_fs = crate::machine::fs_stats(&local.config.root_dir)
+            .inspect_err(|e| tracing::debug!("{e}"))
+            .ok();
+        let (_, allocatable) =
+            crate::node::capacity_and_allocatable(&local.config, &local.machine, root_fs.as_ref());
+        let mut labels = crate::node::node_labels(&local.config, &local.machine);
+        if let Some(client) = &self.ctx.client {
+            let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+            match nodes.get_opt(&self.ctx.node_name).await {
+                Ok(Some(n)) => labels = n.metadata.labels.unwrap_or_default(),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!("reading the Node for pod admission: {e}");
+                    return None;
+                }
+            }
+        }
+        Some(admission::NodeInfo {
+            name: self.ctx.node_name.clone(),
+            labels,
+            allocatable,
+        })
+    }
+
+    /// Admits the pending pods once every source has synced: those the runtime had running at
+    /// start first (always admitted, so that a restart never refuses a running pod), then by
+    /// creation time. Returns false when it must be retried (the Node could not be read).
+    async fn admit_pending(&mut self) -> bool {
+        if self.pending.is_empty() || !self.ready_to_admit() {
+            return true;
+        }
+        let Some(node) = self.node_info().await else {
+            return false;
+        };
+        let running = self.running_at_start.clone().unwrap_or_default();
+        let mut batch: Vec<(bool, Pod)> = Vec::new();
+        let mut sources = HashMap::new();
+        for (uid, (source, pod)) in std::mem::take(&mut self.pending) {
+            sources.insert(uid.clone(), source);
+            batch.push((running.contains(&uid), pod));
+        }
+        admission::admission_order(&mut batch);
+        for (in_runtime, pod) in batch {
+            let Some(uid) = uid_of(&pod) else { continue };
+            let source = sources.get(&uid).copied().unwrap_or(Source::Api);
+            let inactive =
+                admission::is_terminal(&pod) || pod.metadata.deletion_timestamp.is_some();
+            let verdict = if in_runtime || inactive {
+                Ok(())
+            } else {
+                let active = self.active_pods();
+                let refs: Vec<&Pod> = active.iter().map(|p| p.as_ref()).collect();
+                admission::admit(&pod, &refs, &node)
+            };
+            let rejected = verdict.err();
+            if let Some(r) = &rejected {
+                tracing::warn!(pod = %spec::full_name(&pod), pod_uid = %uid, reason = %r.reason, "pod refused: {}", r.message);
+            }
+            let admitted = rejected.is_none() && (in_runtime || !inactive);
+            let desired = Desired {
+                pod: Arc::new(pod),
+                source,
+                removed: false,
+                rejected,
+            };
+            self.spawn(uid, desired, admitted);
+        }
+        true
+    }
+
+    /// The UIDs of this node's pods with a ready sandbox in the runtime (retried until the
+    /// runtime answers).
+    async fn list_running(&self) -> Option<HashSet<String>> {
+        let sel = HashMap::from([(worker::NODE_LABEL.to_string(), self.ctx.node_name.clone())]);
+        let mut warned = false;
+        loop {
+            match self.ctx.runtime.list_pod_sandboxes(sel.clone()).await {
+                Ok(sandboxes) => {
+                    let ready = deckhand_proto::cri::PodSandboxState::SandboxReady as i32;
+                    return Some(
+                        sandboxes
+                            .into_iter()
+                            .filter(|s| s.state == ready)
+                            .filter_map(|s| s.labels.get(POD_UID_LABEL).cloned())
+                            .collect(),
+                    );
+                }
+                Err(e) => {
+                    if !warned {
+                        tracing::warn!("listing the runtime's pods before admitting any: {e}");
+                        warned = true;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
     }
 
     fn remove(&mut self, uid: &str) {
@@ -241,6 +402,10 @@ impl PodManager {
                         return;
                     }
                 }
+                // A pod not admitted yet is just forgotten.
+                if self.pending.get(&uid).is_some_and(|(s, _)| *s == source) {
+                    self.pending.remove(&uid);
+                }
                 let owned = self
                     .workers
                     .get(&uid)
@@ -281,8 +446,15 @@ impl PodManager {
                 for uid in gone {
                     self.remove(&uid);
                 }
+                self.pending
+                    .retain(|uid, (s, _)| *s != source || keep.contains(uid));
                 if self.synced.insert(source) {
                     tracing::info!(?source, "pod source synced");
+                }
+            }
+            ManagerEvent::Finished(uid) => {
+                if let Some(h) = self.workers.get_mut(&uid) {
+                    h.finished = true;
                 }
             }
             ManagerEvent::WorkerDone(uid) => {
@@ -302,7 +474,7 @@ impl PodManager {
                     return;
                 }
                 for (uid, name, namespace, grace) in pods {
-                    if self.workers.contains_key(&uid) {
+                    if self.workers.contains_key(&uid) || self.pending.contains_key(&uid) {
                         continue;
                     }
                     tracing::info!(pod = %format!("{namespace}/{name}"), pod_uid = %uid, "removing an orphaned pod from the runtime");
@@ -324,12 +496,26 @@ impl PodManager {
 
     /// Handles events until shutdown.
     pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<ManagerEvent>) {
+        // Pods the runtime already runs are admitted before any other (a restart).
+        self.running_at_start = self.list_running().await;
+        if self.running_at_start.is_none() {
+            return;
+        }
+        let mut retry = false;
         loop {
             let event = tokio::select! {
                 _ = self.shutdown.cancelled() => break,
-                e = rx.recv() => match e { Some(e) => e, None => break },
+                e = rx.recv() => match e { Some(e) => Some(e), None => break },
+                _ = tokio::time::sleep(Duration::from_secs(1)), if retry => None,
             };
-            self.handle(event);
+            if let Some(event) = event {
+                self.handle(event);
+            }
+            // Pods that arrived together are admitted together, oldest first.
+            while let Ok(event) = rx.try_recv() {
+                self.handle(event);
+            }
+            retry = !self.admit_pending().await;
         }
         tracing::debug!("pod manager stopped");
     }

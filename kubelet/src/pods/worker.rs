@@ -80,6 +80,20 @@ pub struct Context {
     pub events: crate::events::Recorder,
     /// `ExecSync` for probes and hooks.
     pub exec: Arc<probes::ExecClient>,
+    /// The Services of all namespaces, for service variables (none in standalone mode).
+    pub services: Option<super::services::ServiceCache>,
+    /// The node's configuration and machine, for admission (labels, allocatable).
+    pub node: LocalNode,
+}
+
+/// What the node is made of: its allocatable and labels are computed from these as the node
+/// controller computes them ([`crate::node::capacity_and_allocatable`]).
+#[derive(Debug, Clone)]
+pub struct LocalNode {
+    /// The kubelet's configuration.
+    pub config: Arc<crate::config::Config>,
+    /// The machine.
+    pub machine: crate::machine::MachineInfo,
 }
 
 /// An error of one pod reconcile.
@@ -892,6 +906,40 @@ impl PodWorker {
         }
     }
 
+    /// A pod refused by admission: nothing is started; the status is Failed with the reason
+    /// and a Warning Event is recorded, as upstream's `rejectPod`.
+    async fn rejected(
+        &mut self,
+        d: &Desired,
+        r: &super::admission::Rejection,
+    ) -> Result<Action, PodError> {
+        let message = r.status_message();
+        let last = self.last_status.as_ref();
+        if last.and_then(|s| s.reason.as_deref()) != Some(r.reason.as_str())
+            || last.and_then(|s| s.message.as_deref()) != Some(message.as_str())
+        {
+            if self.phase.as_deref() != Some("Failed") {
+                self.ctx.events.event(
+                    &d.pod,
+                    None,
+                    EventType::Warning,
+                    &r.reason,
+                    r.message.clone(),
+                );
+            }
+            let st = PodStatus {
+                phase: Some("Failed".into()),
+                reason: Some(r.reason.clone()),
+                message: Some(message),
+                ..self.last_status.clone().unwrap_or_default()
+            };
+            self.report(d, st).await?;
+        }
+        self.phase = Some("Failed".into());
+        let _ = self.events.send(ManagerEvent::Finished(self.uid.clone()));
+        Ok(Action::await_change())
+    }
+
     async fn admission_failure(
         &mut self,
         d: &Desired,
@@ -933,8 +981,16 @@ impl Reconciler for PodWorker {
             return self.terminate(&d).await;
         }
         let pod = d.pod.clone();
+        if let Some(r) = &d.rejected {
+            return self.rejected(&d, r).await;
+        }
         if let Some(st) = &pod.status
-            && st.reason.as_deref() == Some("UnsupportedPodSpec")
+            && (st.reason.as_deref() == Some("UnsupportedPodSpec")
+                || (st.phase.as_deref() == Some("Failed")
+                    && st
+                        .reason
+                        .as_deref()
+                        .is_some_and(super::admission::is_rejection_reason)))
         {
             return Ok(Action::await_change());
         }
@@ -1016,8 +1072,13 @@ impl Reconciler for PodWorker {
             sandbox_ready,
         };
         let status = status::pod_status(&pod, &observed, self.last_status.as_ref());
+        let was_done = matches!(self.phase.as_deref(), Some("Succeeded" | "Failed"));
         self.phase = status.phase.clone();
         let done = matches!(self.phase.as_deref(), Some("Succeeded" | "Failed"));
+        if done && !was_done {
+            // It no longer counts against the node's allocatable.
+            let _ = self.events.send(ManagerEvent::Finished(self.uid.clone()));
+        }
         self.report(&d, status).await?;
         if done
             && sandbox_ready
