@@ -9,176 +9,26 @@
 //! and deletes the namespace, Node and Lease, also when the test failed.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail, ensure};
-use deckhand_proto::cri::runtime_service_client::RuntimeServiceClient;
+use anyhow::{Result, anyhow, bail, ensure};
 use deckhand_proto::cri::{
     ContainerFilter, ContainerStatusRequest, ExecSyncRequest, ListContainersRequest,
-    ListPodSandboxRequest, PodSandboxFilter, RemovePodSandboxRequest, StopPodSandboxRequest,
 };
-use deckhand_tests::images::BUSYBOX;
-use deckhand_tests::testbed::{Testbed, unique_name};
-use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ContainerStatus, Event, Namespace, Node, Pod};
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use k8s_openapi::api::core::v1::{ContainerStatus, Event, Pod};
+use kube::api::{Api, DeleteParams, ListParams};
 use serde_json::json;
 
-const CONFIG_HEAD: &str = "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nnodeStatusUpdateFrequency: 2s\nnodeLeaseDurationSeconds: 8\n";
-
-const LONG: Duration = Duration::from_secs(90);
-
-/// The CRI endpoint the kubelet under test uses (as in pods.rs).
-fn cri_endpoint() -> PathBuf {
-    Testbed::get().containerd_socket()
-}
-
-fn busybox() -> String {
-    format!("{}/{}", Testbed::get().registry(), BUSYBOX)
-}
-
-/// A kubelet, its namespace and what to clean up.
-struct Bed {
-    node: String,
-    ns: String,
-    client: kube::Client,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-    passed: bool,
-}
+mod support;
+use support::*;
 
 impl Bed {
-    /// A namespace and a kubelet for a new node.
-    async fn start(prefix: &str) -> Result<Bed> {
-        let tb = Testbed::get();
-        let client = tb.kube_client().await?;
-        let ns = tb.create_namespace(&client, prefix).await?;
-        let node = unique_name(prefix);
-        let dir = tempfile::Builder::new()
-            .prefix("dh-kubelet-probes-")
-            .tempdir()?;
-        let mut bed = Bed {
-            node,
-            ns,
-            client,
-            dir,
-            child: None,
-            passed: false,
-        };
-        let creds = bed.dir.path().join("creds");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/testbed/controlplane.sh");
-        let out = Command::new(&script)
-            .arg("node-credentials")
-            .arg(tb.dir())
-            .arg(&bed.node)
-            .arg(&creds)
-            .output()
-            .with_context(|| format!("running {}", script.display()))?;
-        ensure!(
-            out.status.success(),
-            "node-credentials failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let config = bed.dir.path().join("config.yaml");
-        std::fs::write(
-            &config,
-            format!(
-                "{CONFIG_HEAD}address: 127.0.0.1\nport: {}\npodLogsDir: {}\n",
-                free_port()?,
-                bed.dir.path().join("logs").display()
-            ),
-        )?;
-        let p = |p: PathBuf| p.display().to_string();
-        let args = vec![
-            "--config".into(),
-            p(config),
-            "--hostname-override".into(),
-            bed.node.clone(),
-            "--node-ip=127.0.0.1".into(),
-            "--root-dir".into(),
-            p(bed.dir.path().join("root")),
-            "--container-runtime-endpoint".into(),
-            format!("unix://{}", cri_endpoint().display()),
-            "--kubeconfig".into(),
-            p(creds.join("kubeconfig")),
-        ];
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(bed.log_path())?;
-        let child = Command::new(env!("CARGO_BIN_EXE_deckhand-kubelet"))
-            .args(&args)
-            .env("RUST_LOG", "info,deckhand_kubelet=debug")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting deckhand-kubelet")?;
-        bed.child = Some(child);
-        Ok(bed)
-    }
-
-    /// Marks the test passed (the kubelet's log is printed otherwise).
-    fn pass(mut self) -> Result<()> {
-        self.passed = true;
-        Ok(())
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("kubelet.log")
-    }
-
     /// A directory for hostPath volumes (removed with the bed).
     fn host_dir(&self, name: &str) -> Result<PathBuf> {
         let d = self.dir.path().join(name);
         std::fs::create_dir_all(&d)?;
         Ok(d)
-    }
-
-    fn pods(&self) -> Api<Pod> {
-        Api::namespaced(self.client.clone(), &self.ns)
-    }
-
-    /// Creates a pod bound to this node from `spec` (hostNetwork, no service account token,
-    /// a 2 s grace period unless `spec` says otherwise).
-    async fn create_pod(&self, name: &str, spec: serde_json::Value) -> Result<Pod> {
-        let mut s = json!({
-            "hostNetwork": true,
-            "automountServiceAccountToken": false,
-            "terminationGracePeriodSeconds": 2,
-            "nodeName": self.node,
-        });
-        if let (Some(base), Some(extra)) = (s.as_object_mut(), spec.as_object()) {
-            for (k, v) in extra {
-                base.insert(k.clone(), v.clone());
-            }
-        }
-        let pod: Pod = serde_json::from_value(json!({
-            "metadata": { "name": name, "namespace": self.ns },
-            "spec": s,
-        }))?;
-        Ok(self.pods().create(&PostParams::default(), &pod).await?)
-    }
-
-    /// Waits up to `limit` for `check` on the pod to give `Ok`.
-    async fn wait_pod<T>(
-        &self,
-        name: &str,
-        limit: Duration,
-        what: &str,
-        check: impl Fn(&Pod) -> std::result::Result<T, String>,
-    ) -> Result<T> {
-        let pods = self.pods();
-        eventually(limit, what, || async {
-            Ok(match pods.get_opt(name).await? {
-                Some(p) => check(&p),
-                None => Err("no pod".to_string()),
-            })
-        })
-        .await
     }
 
     /// Waits for an Event about pod `uid` with `reason` whose message contains `text`.
@@ -204,113 +54,6 @@ impl Bed {
         })
         .await
     }
-}
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if std::thread::panicking()
-            || !self.passed
-            || std::env::var_os("DH_SHOW_KUBELET_LOG").is_some()
-        {
-            eprintln!(
-                "--- deckhand-kubelet log ({}) ---\n{}",
-                self.node,
-                std::fs::read_to_string(self.log_path()).unwrap_or_default()
-            );
-        }
-        let (node, ns) = (self.node.clone(), self.ns.clone());
-        let cleanup = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async {
-                let removed = remove_node_sandboxes(&node).await;
-                let client = Testbed::get().kube_client().await?;
-                let force = DeleteParams {
-                    grace_period_seconds: Some(0),
-                    ..Default::default()
-                };
-                let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-                if let Ok(list) = pods.list(&ListParams::default()).await {
-                    for p in list {
-                        if let Some(n) = p.metadata.name {
-                            let _ = pods.delete(&n, &force).await;
-                        }
-                    }
-                }
-                // The namespace takes its Events with it.
-                let dp = DeleteParams::default();
-                let _ = Api::<Namespace>::all(client.clone()).delete(&ns, &dp).await;
-                let _ = Api::<Node>::all(client.clone()).delete(&node, &dp).await;
-                let _ = Api::<Lease>::namespaced(client, "kube-node-lease")
-                    .delete(&node, &dp)
-                    .await;
-                removed
-            })
-        });
-        match cleanup.join() {
-            Ok(Err(e)) => eprintln!("cleaning up node {}: {e:#}", self.node),
-            Err(_) => eprintln!("cleaning up node {}: panicked", self.node),
-            Ok(Ok(())) => {}
-        }
-    }
-}
-
-/// Stops and removes every sandbox the kubelet of `node` made, and the pods' cgroups.
-async fn remove_node_sandboxes(node: &str) -> Result<()> {
-    let mut cri = runtime().await?;
-    let sandboxes = cri
-        .list_pod_sandbox(ListPodSandboxRequest {
-            filter: Some(PodSandboxFilter {
-                label_selector: HashMap::from([("deckhand.io/node".to_string(), node.to_string())]),
-                ..Default::default()
-            }),
-        })
-        .await?
-        .into_inner()
-        .items;
-    for s in sandboxes {
-        let _ = cri
-            .stop_pod_sandbox(StopPodSandboxRequest {
-                pod_sandbox_id: s.id.clone(),
-            })
-            .await;
-        cri.remove_pod_sandbox(RemovePodSandboxRequest {
-            pod_sandbox_id: s.id.clone(),
-        })
-        .await?;
-        if let Some(uid) = s.labels.get("io.kubernetes.pod.uid") {
-            for root in cgroup_roots() {
-                for qos in ["", "burstable/", "besteffort/"] {
-                    let _ = std::fs::remove_dir(root.join(format!("kubepods/{qos}pod{uid}")));
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-fn cgroup_roots() -> Vec<PathBuf> {
-    let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    mi.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            let sep = f.iter().position(|x| *x == "-")?;
-            matches!(f.get(sep + 1), Some(&"cgroup") | Some(&"cgroup2"))
-                .then(|| PathBuf::from(f[4]))
-        })
-        .collect()
-}
-
-async fn runtime() -> Result<RuntimeServiceClient<tonic::transport::Channel>> {
-    let channel = deckhand_proto::unix::connect_path(&cri_endpoint()).await?;
-    Ok(RuntimeServiceClient::new(channel))
 }
 
 /// Runs `cmd` in the running container `name` of pod `uid` through the CRI.
@@ -355,36 +98,6 @@ async fn exec_in(uid: &str, name: &str, cmd: &[&str]) -> Result<i32> {
     bail!("no running container {name} in pod {uid}")
 }
 
-/// Polls `check` every 200 ms until it gives `Ok`, or fails after `limit` with its last reason.
-async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<std::result::Result<T, String>>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        let last = match check().await {
-            Ok(Ok(v)) => return Ok(v),
-            Ok(Err(why)) => why,
-            Err(e) => format!("{e:#}"),
-        };
-        if Instant::now() > deadline {
-            bail!("{what}: not within {limit:?}; last: {last}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-fn condition(p: &Pod, t: &str) -> Option<String> {
-    p.status
-        .as_ref()?
-        .conditions
-        .as_ref()?
-        .iter()
-        .find(|c| c.type_ == t)
-        .map(|c| c.status.clone())
-}
-
 fn status_of(p: &Pod, name: &str) -> Option<ContainerStatus> {
     p.status
         .as_ref()?
@@ -403,15 +116,9 @@ fn uid(p: &Pod) -> Result<String> {
     p.metadata.uid.clone().ok_or_else(|| anyhow!("no uid"))
 }
 
-/// A loopback port nothing listens on right now.
-fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
-}
-
 #[tokio::test]
 async fn a_failing_liveness_probe_restarts_the_container_with_events() -> Result<()> {
-    let bed = Bed::start("probe-live").await?;
+    let bed = Bed::start("probe-live", false).await?;
     // Healthy for a few seconds, then the probe's file is gone.
     let pod = bed
         .create_pod(
@@ -492,7 +199,7 @@ async fn a_failing_liveness_probe_restarts_the_container_with_events() -> Result
 
 #[tokio::test]
 async fn readiness_follows_an_exec_probe() -> Result<()> {
-    let bed = Bed::start("probe-ready").await?;
+    let bed = Bed::start("probe-ready", false).await?;
     let pod = bed
         .create_pod(
             "ready",
@@ -562,7 +269,7 @@ async fn readiness_follows_an_exec_probe() -> Result<()> {
 
 #[tokio::test]
 async fn an_http_readiness_probe_behind_a_startup_probe() -> Result<()> {
-    let bed = Bed::start("probe-http").await?;
+    let bed = Bed::start("probe-http", false).await?;
     let port = free_port()?;
     // The server starts after a few seconds; the startup probe (tcpSocket) gates the
     // readiness probe (httpGet by port name, with a header), which needs /www/ok.
@@ -614,7 +321,7 @@ async fn an_http_readiness_probe_behind_a_startup_probe() -> Result<()> {
 
 #[tokio::test]
 async fn post_start_runs_in_the_container_and_a_failing_one_restarts_it() -> Result<()> {
-    let bed = Bed::start("hook-post").await?;
+    let bed = Bed::start("hook-post", false).await?;
     let data = bed.host_dir("post")?;
     let volume = json!([{ "name": "data", "hostPath": { "path": data.display().to_string() } }]);
     let mount = json!([{ "name": "data", "mountPath": "/data" }]);
@@ -664,7 +371,7 @@ async fn post_start_runs_in_the_container_and_a_failing_one_restarts_it() -> Res
 
 #[tokio::test]
 async fn pre_stop_runs_before_the_container_gets_sigterm() -> Result<()> {
-    let bed = Bed::start("hook-pre").await?;
+    let bed = Bed::start("hook-pre", false).await?;
     let data = bed.host_dir("pre")?;
     let volume = json!([{ "name": "data", "hostPath": { "path": data.display().to_string() } }]);
     let mount = json!([{ "name": "data", "mountPath": "/data" }]);

@@ -15,36 +15,21 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail, ensure};
+use anyhow::{Context, Result, anyhow, ensure};
 use deckhand_proto::cri::runtime_service_client::RuntimeServiceClient;
 use deckhand_proto::cri::{
     ListPodSandboxRequest, PodSandboxFilter, RemovePodSandboxRequest, StopPodSandboxRequest,
 };
-use deckhand_tests::images::BUSYBOX;
 use deckhand_tests::testbed::{Testbed, unique_name};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, ServiceAccount};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use serde_json::json;
 
+mod support;
+use support::*;
+
 const CONFIG_HEAD: &str = "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\nnodeStatusUpdateFrequency: 2s\nnodeLeaseDurationSeconds: 8\nauthentication:\n  anonymous: {enabled: false}\n  webhook: {enabled: true}\nauthorization: {mode: Webhook}\n";
-
-const LONG: Duration = Duration::from_secs(90);
-
-fn cri_endpoint() -> PathBuf {
-    Testbed::get().containerd_socket()
-}
-
-fn busybox() -> String {
-    format!("{}/{}", Testbed::get().registry(), BUSYBOX)
-}
-
-/// A free loopback TCP port (bound and released).
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
 
 /// A kubelet serving its API, its namespace and what to clean up.
 struct Bed {
@@ -385,40 +370,6 @@ async fn remove_node_sandboxes(node: &str) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn cgroup_roots() -> Vec<PathBuf> {
-    let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    mi.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            let sep = f.iter().position(|x| *x == "-")?;
-            matches!(f.get(sep + 1), Some(&"cgroup") | Some(&"cgroup2"))
-                .then(|| PathBuf::from(f[4]))
-        })
-        .collect()
-}
-
-/// Polls `check` every 200 ms until it gives `Ok`, or fails after `limit` with its last reason.
-async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<std::result::Result<T, String>>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        let last = match check().await {
-            Ok(Ok(v)) => return Ok(v),
-            Ok(Err(why)) => why,
-            Err(e) => format!("{e:#}"),
-        };
-        if Instant::now() > deadline {
-            bail!("{what}: not within {limit:?}; last: {last}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Reads `child`'s stdout lines for `period` (or until `enough` lines), then kills it.
