@@ -31,7 +31,7 @@
 //! `nix`, `libc`, `serde` and `thiserror`) so it can become its own crate.
 
 pub mod attach;
-pub mod cgroups;
+pub use deckhand_cgroups as cgroups;
 mod container;
 pub mod crilog;
 mod init;

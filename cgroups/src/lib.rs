@@ -1,10 +1,12 @@
-//! Cgroups for the built-in OCI runtime: v1, v2 and the hybrid layout, detected at run time.
+//! Cgroups for the node: v1, v2 and the hybrid layout, detected at run time. Used by the built-in
+//! OCI runtime (deckhand-cri's `oci`: a container's cgroup) and by deckhand-kubelet (the
+//! `kubepods` QoS and pod cgroups).
 //!
 //! # Use
 //!
 //! ```no_run
-//! # use deckhand_cri::oci::cgroups::Manager;
-//! # fn f(spec: &oci_spec::runtime::LinuxResources, pid: i32) -> Result<(), deckhand_cri::oci::cgroups::Error> {
+//! # use deckhand_cgroups::Manager;
+//! # fn f(spec: &oci_spec::runtime::LinuxResources, pid: i32) -> Result<(), deckhand_cgroups::Error> {
 //! let cg = Manager::new("/deckhand/ctr-1")?; // the spec's linux.cgroupsPath
 //! cg.create()?;                      // mkdir in every hierarchy (cpuset seeded, v2 controllers enabled)
 //! let ignored = cg.set(spec)?;       // linux.resources; returns what was ignored, to log
