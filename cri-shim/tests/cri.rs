@@ -314,3 +314,51 @@ async fn pull_killed_at_random_points_then_retried_gives_a_correct_image() {
         );
     }
 }
+
+/// A daemon restarted the way a service manager does it (SIGTERM, and the successor started at
+/// once on the same state) hands over cleanly: the old one ends its event streams and exits
+/// without waiting out its grace period, the new one waits for the state directory's lock and
+/// then owns the socket, which the old one's exit does not remove.
+// Multi-threaded: `Daemon::start` blocks, and the client connection must keep answering the
+// old daemon's graceful-shutdown PING meanwhile (as a kubelet's would).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successor_takes_over_the_socket_and_state() -> anyhow::Result<()> {
+    use anyhow::{Context, ensure};
+    use deckhand_proto::cri::runtime_service_client::RuntimeServiceClient;
+    use futures::StreamExt;
+    init_logs();
+    let dir = TempRoot::new("dh-cri-handover");
+    let mut old = Daemon::start(&dir.path, None)?;
+    let ch = deckhand_proto::unix::connect_path(&old.socket).await?;
+    let mut events = RuntimeServiceClient::new(ch)
+        .get_container_events(cri::GetEventsRequest {})
+        .await?
+        .into_inner();
+    // SIGTERM without waiting; the successor starts while the old one may still be stopping.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    let new = Daemon::start(&dir.path, None)?;
+    let status = old.terminate().await.context("the old daemon")?;
+    ensure!(status.success(), "old daemon: {status}: {}", old.logs());
+    ensure!(
+        !old.logs().contains("requests still running"),
+        "the old daemon waited for its event stream: {}",
+        old.logs()
+    );
+    // The stream ended (the server closed it), rather than staying open.
+    ensure!(
+        events.next().await.is_none_or(|r| r.is_err()),
+        "the event stream is still open"
+    );
+    ensure!(new.socket.exists(), "the successor's socket is gone");
+    let ch = deckhand_proto::unix::connect_path(&new.socket).await?;
+    let v = RuntimeServiceClient::new(ch)
+        .version(cri::VersionRequest::default())
+        .await
+        .context("the successor answers")?
+        .into_inner();
+    ensure!(v.runtime_name == "deckhand", "{v:?}");
+    Ok(())
+}

@@ -184,6 +184,7 @@ fn main() -> Result<()> {
 
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating state dir {}", state_dir.display()))?;
+    let _lock = lock_state_dir(&state_dir)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -211,12 +212,14 @@ fn main() -> Result<()> {
                 tracing::error!(error = %e, "the streaming server stopped");
             }
         });
+        // Graceful shutdown lets running requests finish, for at most SHUTDOWN_GRACE; event
+        // streams end at once.
+        let (tx, mut rx) = tokio::sync::watch::channel(false);
         let runtime = server::runtime_service::RuntimeService::new(
             manager,
             Some(Arc::new(streaming) as Arc<dyn server::runtime_service::Streaming>),
-        );
-        // Graceful shutdown lets running requests finish, for at most SHUTDOWN_GRACE.
-        let (tx, mut rx) = tokio::sync::watch::channel(false);
+        )
+        .with_shutdown(rx.clone());
         tokio::spawn(async move {
             shutdown_signal().await;
             let _ = tx.send(true);
@@ -232,7 +235,6 @@ fn main() -> Result<()> {
                 tokio::time::sleep(SHUTDOWN_GRACE).await;
             } => {
                 tracing::warn!("requests still running after {SHUTDOWN_GRACE:?}: exiting anyway");
-                let _ = std::fs::remove_file(&socket);
             }
         }
         tracing::info!("stopped");
@@ -242,6 +244,47 @@ fn main() -> Result<()> {
     // crash-safe.
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(())
+}
+
+/// How long a starting daemon waits for the one it replaces to let go of the state directory.
+const LOCK_WAIT: Duration = Duration::from_secs(30);
+
+/// Takes `<state_dir>/deckhand-cri.lock` for the daemon's lifetime: two daemons on one state
+/// directory would both adopt the same containers and sandboxes. A predecessor still shutting
+/// down is waited for, up to [`LOCK_WAIT`].
+fn lock_state_dir(state_dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    use nix::fcntl::{Flock, FlockArg};
+    let path = state_dir.join("deckhand-cri.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let mut told = false;
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+                if std::time::Instant::now() >= deadline {
+                    anyhow::bail!(
+                        "another deckhand-cri holds {} (still running after {LOCK_WAIT:?})",
+                        path.display()
+                    );
+                }
+                if !told {
+                    tracing::warn!(lock = %path.display(), "another deckhand-cri holds the state directory: waiting for it to exit");
+                    told = true;
+                }
+                file = f;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err((_, e)) => {
+                return Err(anyhow::Error::from(e).context(format!("locking {}", path.display())));
+            }
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -6,7 +6,7 @@
 pub mod image_service;
 pub mod runtime_service;
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use deckhand_proto::cri::image_service_server::ImageServiceServer;
@@ -69,6 +69,14 @@ pub async fn serve(
         let _ = std::fs::remove_file(&tmp);
         return Err(sock_err(e));
     }
+    // Which file is ours: on the way out we remove the socket only if it is still this one (a
+    // successor may already have bound its own at the same path).
+    // A guard, so that this also happens when the caller drops this future (a shutdown that
+    // does not wait for the running requests).
+    let _guard = SocketGuard {
+        path: socket.to_path_buf(),
+        ours: std::fs::metadata(socket).map(|m| (m.dev(), m.ino())).ok(),
+    };
     tracing::info!(socket = %socket.display(), runtime = runtime.is_some(), "serving CRI");
     let svc = ImageServiceServer::new(images)
         .max_decoding_message_size(deckhand_proto::CRI_MAX_MESSAGE_SIZE)
@@ -83,6 +91,22 @@ pub async fn serve(
         .add_optional_service(rsvc)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
-    let _ = std::fs::remove_file(socket);
     res.map_err(ServeError::from)
+}
+
+/// Removes the socket when dropped, if the path still names the file we bound (device, inode).
+struct SocketGuard {
+    path: std::path::PathBuf,
+    ours: Option<(u64, u64)>,
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let now = std::fs::symlink_metadata(&self.path)
+            .map(|m| (m.dev(), m.ino()))
+            .ok();
+        if self.ours.is_some() && now == self.ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }

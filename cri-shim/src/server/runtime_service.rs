@@ -49,6 +49,7 @@ impl Streaming for deckhand_streaming::Server {
 pub struct RuntimeService {
     m: Arc<pod::Manager>,
     streaming: Option<Arc<dyn Streaming>>,
+    shutdown: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl std::fmt::Debug for RuntimeService {
@@ -59,13 +60,31 @@ impl std::fmt::Debug for RuntimeService {
 
 impl RuntimeService {
     pub fn new(m: Arc<pod::Manager>, streaming: Option<Arc<dyn Streaming>>) -> RuntimeService {
-        RuntimeService { m, streaming }
+        RuntimeService {
+            m,
+            streaming,
+            shutdown: None,
+        }
+    }
+
+    /// Ends the long-lived `GetContainerEvents` streams once `shutdown` turns true, so that a
+    /// graceful shutdown does not wait for clients that never hang up (every kubelet keeps one).
+    pub fn with_shutdown(mut self, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.shutdown = Some(shutdown);
+        self
     }
 
     fn streaming(&self) -> Result<&dyn Streaming, Status> {
         self.streaming
             .as_deref()
             .ok_or_else(|| Status::unimplemented("no streaming server is configured"))
+    }
+}
+
+/// Resolves once `sd` turns true; never if its sender is gone without doing so.
+async fn shutting_down(sd: &mut tokio::sync::watch::Receiver<bool>) {
+    if sd.wait_for(|v| *v).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -363,10 +382,23 @@ impl cri::runtime_service_server::RuntimeService for RuntimeService {
         _: Request<cri::GetEventsRequest>,
     ) -> R<Self::GetContainerEventsStream> {
         let rx = self.m.subscribe();
-        let s = futures::stream::unfold(rx, |mut rx| async move {
+        // Without a shutdown signal, a receiver whose sender is gone: the stream ends only with
+        // the manager's sender.
+        let sd = self
+            .shutdown
+            .clone()
+            .unwrap_or_else(|| tokio::sync::watch::channel(false).1);
+        let s = futures::stream::unfold((rx, sd), |(mut rx, mut sd)| async move {
             loop {
-                match rx.recv().await {
-                    Ok(ev) => return Some((Ok(ev), rx)),
+                let ev = tokio::select! {
+                    ev = rx.recv() => ev,
+                    _ = shutting_down(&mut sd) => {
+                        tracing::debug!("shutting down: ending a GetContainerEvents stream");
+                        return None;
+                    }
+                };
+                match ev {
+                    Ok(ev) => return Some((Ok(ev), (rx, sd))),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(missed = n, "a GetContainerEvents client fell behind");
                         continue;
