@@ -12,24 +12,31 @@
 # One watch on that namespace (curl, each event stamped on arrival by perl) is the clock for both
 # sides: start latency = ADDED seen -> Ready=True seen; deletion = deletionTimestamp seen -> DELETED
 # seen. Per side: one untimed warm-up pod (the image pull), then N pods one after another (seq),
-# then N at once (par); sides interleaved (seq: upstream first, par: deckhand first). Memory with
-# the N par pods running: RSS and PSS (/proc/PID/smaps_rollup) summed over the kubelet, the runtime
-# daemon and every process it keeps per pod (containerd-shim-runc-v2 + pause; deckhand-monitor),
-# without the containers' own processes. Prints medians, p99 and the ratios deckhand/upstream.
+# then M at once (par); sides interleaved (seq: upstream first, par: deckhand first). With the M
+# par pods running and settled: memory, RSS and PSS (/proc/PID/smaps_rollup) summed over the
+# kubelet, the runtime daemon and every process it keeps per pod (containerd-shim-runc-v2 + pause;
+# deckhand-monitor), without the containers' own processes; and idle CPU, the same processes'
+# utime+stime (with their reaped children's) over IDLE seconds, as % of one core. Prints medians,
+# p99 and the ratios deckhand/upstream.
 #
 # The upstream kubelet and its containerd run in a private mount namespace (unshare -m): fake
 # /proc/sys files already holding the values the kubelet wants (it writes them otherwise), private
 # binds over /var/lib/kubelet and /var/log/pods (fixed paths of the kubelet and of containerd's
-# container logs), --cgroup-root /dhbench-up. Everything made is named dh* and removed on exit, also
+# container logs), --cgroup-root /dhbench-up (deckhand-kubelet: cgroupRoot /dhbench-dh). Everything made is named dh* and removed on exit, also
 # when interrupted: pods, nodes, the namespace, both kubelets, containerd, deckhand-cri (by PID),
 # shims/monitors/containers naming our directory, bridges, mounts, cgroups.
 #
-#   hack/testbed.sh up; hack/bench/kubelet.sh [N]     (default 20)
+#   hack/testbed.sh up; hack/bench/kubelet.sh [N [M]]  (default 20 one at a time, 30 at once)
+#   IDLE=60 hack/bench/kubelet.sh                      idle CPU sampled over 60 s (default 30)
 #   DH_BENCH_KEEP_LOGS=1 hack/bench/kubelet.sh 5       daemon logs kept in /tmp/dh-bench-kubelet-logs
 set -euo pipefail
 
 N=${1:-20}
-[[ "$N" =~ ^[1-9][0-9]*$ ]] || { echo "kubelet.sh: N must be a positive integer" >&2; exit 1; }
+M=${2:-30}
+IDLE=${IDLE:-30}
+for v in "$N" "$M" "$IDLE"; do
+  [[ "$v" =~ ^[1-9][0-9]*$ ]] || { echo "kubelet.sh: N, M and IDLE must be positive integers" >&2; exit 1; }
+done
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 . "$ROOT/hack/lib/common.sh"
 [ "$(id -u)" = 0 ] || { echo "kubelet.sh: run as root" >&2; exit 1; }
@@ -49,7 +56,7 @@ PAUSE_IMAGE=$REG/dh/pause:latest
 NODE_DH=dhbench-dh NODE_UP=dhbench-up
 BR_DH=dh-kbdh0 BR_UP=dh-kbup0
 NET_DH=dh-bench-kubelet-dh NET_UP=dh-bench-kubelet-up
-CG_UP=/dhbench-up
+CG_UP=/dhbench-up CG_DH=/dhbench-dh
 for t in containerd containerd-shim-runc-v2 runc unshare nsenter curl jq perl ip; do
   command -v "$t" >/dev/null || { echo "kubelet.sh: $t missing (hack/install-deps.sh)" >&2; exit 1; }
 done
@@ -114,6 +121,7 @@ cleanup() {
   local cgs=()
   for m in $(awk '$9 == "cgroup" || $9 == "cgroup2" {print $5}' /proc/self/mountinfo); do
     [ -d "$m$CG_UP" ] && cgs+=("$m$CG_UP")
+    [ -d "$m$CG_DH" ] && cgs+=("$m$CG_DH")
     for uid in $(pod_uids); do
       for d in "$m"/kubepods/pod"$uid" "$m"/kubepods/*/pod"$uid"; do [ -d "$d" ] && cgs+=("$d"); done
     done
@@ -226,16 +234,20 @@ authentication:
   webhook: {enabled: true}
   x509: {clientCAFile: $D/node/ca.crt}
 authorization: {mode: Webhook}
+cgroupRoot: $CG_DH
 YAML
+# Each kubelet's cgroup root must exist (cpuset: with the parent's cpus and mems); both kubelets
+# make their kubepods hierarchy below it and enforce node allocatable there.
+for m in $(awk '$9 == "cgroup" || $9 == "cgroup2" {print $5}' /proc/self/mountinfo); do
+  for r in "$CG_UP" "$CG_DH"; do
+    mkdir -p "$m$r"
+    [ -f "$m/cpuset.cpus" ] && cat "$m/cpuset.cpus" >"$m$r/cpuset.cpus" && cat "$m/cpuset.mems" >"$m$r/cpuset.mems"
+  done
+done
 dh_start "$WORK" deckhand-kubelet "$BIN/deckhand-kubelet" --config "$D/node/kubelet.yaml" \
   --kubeconfig "$D/node/kubeconfig" --hostname-override "$NODE_DH" --node-ip 127.0.0.1 \
   --root-dir "$D/kubelet" --container-runtime-endpoint "unix://$DH_SOCK"
 
-# The cgroup root of the upstream kubelet must exist (cpuset: with the parent's cpus and mems).
-for m in $(awk '$9 == "cgroup" {print $5}' /proc/self/mountinfo); do
-  mkdir -p "$m$CG_UP"
-  [ -f "$m/cpuset.cpus" ] && cat "$m/cpuset.cpus" >"$m$CG_UP/cpuset.cpus" && cat "$m/cpuset.mems" >"$m$CG_UP/cpuset.mems"
-done
 dh_start "$WORK" kubelet nsenter -t "$CTR_PID" -m -- "$UP_KUBELET" \
   --kubeconfig "$U/node/kubeconfig" --root-dir "$U/kubelet" --cert-dir "$U/node/pki" \
   --tls-cert-file "$U/node/kubelet.crt" --tls-private-key-file "$U/node/kubelet.key" \
@@ -318,24 +330,29 @@ latencies() {
   done
 }
 
-names() { local i; for i in $(seq 1 "$N"); do echo "dhb-$1-$2-$i"; done; }
+names() { # SIDE MODE COUNT
+  local i; for i in $(seq 1 "$3"); do echo "dhb-$1-$2-$i"; done; }
 node_of() { [ "$1" = dh ] && echo "$NODE_DH" || echo "$NODE_UP"; }
 
 warmup() { local s=$1 n=dhb-$1-warm; create "$n" "$(node_of "$s")"; wait_ready "$n"; delete "$n"; wait_gone "$n"; }
 run_seq() {
-  local s=$1 n; mapfile -t ns < <(names "$s" seq)
+  local s=$1 n; mapfile -t ns < <(names "$s" seq "$N")
   for n in "${ns[@]}"; do create "$n" "$(node_of "$s")"; wait_ready "$n"; done
   for n in "${ns[@]}"; do delete "$n"; wait_gone "$n"; done
   latencies "${ns[@]}" >"$WORK/$s.seq"
 }
 run_par() {
-  local s=$1 n pids=(); mapfile -t ns < <(names "$s" par)
+  local s=$1 n pids=(); mapfile -t ns < <(names "$s" par "$M")
   for n in "${ns[@]}"; do create "$n" "$(node_of "$s")" & pids+=($!); done
   for p in "${pids[@]}"; do wait "$p"; done
   wait_ready "${ns[@]}"
   sleep 5 # let the shims, monitors and kubelets settle
-  echo -n "memory with $N pods, $s: " >&2
-  if [ "$s" = dh ]; then mem "$D/" "$DHK_PID" "$DHCRI_PID" >"$WORK/$s.mem"; else mem "$U/" "$UPK_PID" "$CTR_PID" >"$WORK/$s.mem"; fi
+  local marker=$U/ roots=("$UPK_PID" "$CTR_PID")
+  [ "$s" = dh ] && marker=$D/ roots=("$DHK_PID" "$DHCRI_PID")
+  echo -n "memory with $M pods, $s: " >&2
+  mem "$marker" "${roots[@]}" >"$WORK/$s.mem"
+  echo "idle CPU with $M pods, $s: sampling ${IDLE}s..." >&2
+  cpu "$marker" "${roots[@]}" >"$WORK/$s.cpu"
   pids=()
   for n in "${ns[@]}"; do delete "$n" & pids+=($!); done
   for p in "${pids[@]}"; do wait "$p"; done
@@ -343,9 +360,9 @@ run_par() {
   latencies "${ns[@]}" >"$WORK/$s.par"
 }
 
-# mem MARKER PID...: "rss_kib pss_kib" of the PIDs, every process whose command line names MARKER
-# and all their descendants, less the containers' own processes (sh -c trap..., sleep 3600).
-mem() {
+# kept MARKER PID...: the PIDs, every process whose command line names MARKER and all their
+# descendants, less the containers' own processes (sh -c trap..., sleep 3600); one per line.
+kept() {
   local marker=$1 p pid cmd rest; shift
   declare -A parent=() keep=()
   for p in /proc/[0-9]*; do
@@ -365,16 +382,44 @@ mem() {
       if [ -z "${keep[$pid]:-}" ] && [ -n "${keep[${parent[$pid]}]:-}" ]; then keep[$pid]=1; changed=1; fi
     done
   done
-  local rss=0 pss=0 r s names=
   for pid in "${!keep[@]}"; do
     cmd=$( { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null) || continue
     case "$cmd" in "sh -c trap "* | "sleep 3600 ") continue ;; esac
+    echo "$pid"
+  done
+}
+
+# mem MARKER PID...: "rss_kib pss_kib" summed over `kept`.
+mem() {
+  local rss=0 pss=0 r s names= pid
+  for pid in $(kept "$@"); do
     read -r r s <<<"$(awk '/^Rss:/ {r=$2} /^Pss:/ {p=$2} END {print r+0, p+0}' "/proc/$pid/smaps_rollup" 2>/dev/null)"
     rss=$((rss + ${r:-0})); pss=$((pss + ${s:-0}))
     names="$names$(cat "/proc/$pid/comm" 2>/dev/null)"$'\n'
   done
   echo "$rss $pss"
   printf '%s' "$names" | grep . | sort | uniq -c | awk '{printf "%s%s x%s", (NR>1 ? ", " : ""), $2, $1} END {print ""}' >&2
+}
+
+# ticks PID...: "pid ticks" (utime+stime+cutime+cstime, clock ticks) per PID still alive.
+ticks() {
+  local pid rest
+  for pid in "$@"; do
+    rest=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+    rest=${rest##*) }
+    # after the comm: state is field 3, utime..cstime are fields 14..17
+    read -r -a f <<<"$rest"
+    echo "$pid $((f[11] + f[12] + f[13] + f[14]))"
+  done
+}
+# cpu MARKER PID...: the % of one core `kept` used over IDLE seconds (a process is counted if it
+# is alive at both samples; none are expected to come or go on an idle node).
+cpu() {
+  local -a ps; mapfile -t ps < <(kept "$@")
+  local hz; hz=$(getconf CLK_TCK)
+  ticks "${ps[@]}" >"$WORK/ticks0"; sleep "$IDLE"; ticks "${ps[@]}" >"$WORK/ticks1"
+  awk -v hz="$hz" -v s="$IDLE" 'NR == FNR { t0[$1] = $2; next } ($1 in t0) { d += $2 - t0[$1] }
+    END { printf "%.2f\n", d / hz / s * 100 }' "$WORK/ticks0" "$WORK/ticks1"
 }
 
 # ---- runs -----------------------------------------------------------------------------------------------
@@ -393,7 +438,7 @@ stat() { # FILE COLUMN -> "median p99" (nearest rank)
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a != "-" && b + 0 > 0) printf "%.3fx", a / b; else print "-" }'; }
 echo
 printf 'Node pod start (created -> Ready, as the API server shows it) and deletion (deletionTimestamp ->\n'
-printf 'object gone), N=%s pods, image %s, one watch stamping the events; ms\n' "$N" "$IMAGE"
+printf 'object gone), %s pods one at a time (seq), %s at once (par), image %s, one watch stamping the events; ms\n' "$N" "$M" "$IMAGE"
 printf 'deckhand: deckhand-kubelet + deckhand-cri + deckhand-bridge/host-local; upstream: kubelet %s + containerd %s + runc + bridge/host-local\n\n' \
   "$("$UP_KUBELET" --version 2>/dev/null | awk '{print $2}')" "$(containerd --version | awk '{print $3}')"
 printf '%-10s | %9s %9s | %9s %9s | %9s %9s\n' "" "up med" "up p99" "dh med" "dh p99" "med" "p99"
@@ -409,7 +454,13 @@ done
 echo
 read -r urss upss <"$WORK/up.mem"; read -r drss dpss <"$WORK/dh.mem"
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
-printf 'memory with %s running pods (kubelet + runtime daemon + per-pod processes, without the containers), MiB:\n' "$N"
+printf 'memory with %s running pods (kubelet + runtime daemon + per-pod processes, without the containers), MiB:\n' "$M"
 printf '  %-44s RSS %8s   PSS %8s\n' "kubelet + containerd + shims + pause" "$(mib "$urss")" "$(mib "$upss")"
 printf '  %-44s RSS %8s   PSS %8s\n' "deckhand-kubelet + deckhand-cri + monitors" "$(mib "$drss")" "$(mib "$dpss")"
 printf '  %-44s RSS %8s   PSS %8s\n' "deckhand/upstream" "$(ratio "$drss" "$urss")" "$(ratio "$dpss" "$upss")"
+ucpu=$(cat "$WORK/up.cpu"); dcpu=$(cat "$WORK/dh.cpu")
+echo
+printf 'idle CPU with %s running pods over %s s (the same processes), %% of one core:\n' "$M" "$IDLE"
+printf '  %-44s %8s\n' "kubelet + containerd + shims + pause" "$ucpu"
+printf '  %-44s %8s\n' "deckhand-kubelet + deckhand-cri + monitors" "$dcpu"
+printf '  %-44s %8s\n' "deckhand/upstream" "$(ratio "$dcpu" "$ucpu")"

@@ -222,6 +222,20 @@ pub struct KubeletConfiguration {
     pub node_status_max_images: i32,
     /// `podLogsDir` (/var/log/pods): the root of the pods' log directories.
     pub pod_logs_dir: PathBuf,
+    /// `cgroupsPerQOS` (true): the `kubepods` QoS and pod cgroups.
+    pub cgroups_per_qos: bool,
+    /// `cgroupRoot` ("/", normalised): the parent of `kubepods` (or of the pods' containers
+    /// without cgroupsPerQOS). It must exist.
+    pub cgroup_root: String,
+    /// `enforceNodeAllocatable` (`["pods"]`; `["none"]` or `[]` for nothing): `pods`,
+    /// `system-reserved`, `kube-reserved`.
+    pub enforce_node_allocatable: Vec<String>,
+    /// `systemReservedCgroup`: where `system-reserved` is enforced.
+    pub system_reserved_cgroup: String,
+    /// `kubeReservedCgroup`: where `kube-reserved` is enforced.
+    pub kube_reserved_cgroup: String,
+    /// `podPidsLimit` (-1: none): each pod cgroup's `pids.max` when positive.
+    pub pod_pids_limit: i64,
 }
 
 impl Default for KubeletConfiguration {
@@ -260,6 +274,12 @@ impl Default for KubeletConfiguration {
             runtime_request_timeout: Duration::from_secs(120),
             node_status_max_images: 50,
             pod_logs_dir: PathBuf::from("/var/log/pods"),
+            cgroups_per_qos: true,
+            cgroup_root: "/".into(),
+            enforce_node_allocatable: vec!["pods".into()],
+            system_reserved_cgroup: String::new(),
+            kube_reserved_cgroup: String::new(),
+            pod_pids_limit: -1,
         }
     }
 }
@@ -298,6 +318,13 @@ struct ConfigFile {
     runtime_request_timeout: Option<String>,
     node_status_max_images: Option<i64>,
     pod_logs_dir: Option<PathBuf>,
+    #[serde(rename = "cgroupsPerQOS")]
+    cgroups_per_qos: Option<bool>,
+    cgroup_root: Option<String>,
+    enforce_node_allocatable: Option<Vec<String>>,
+    system_reserved_cgroup: Option<String>,
+    kube_reserved_cgroup: Option<String>,
+    pod_pids_limit: Option<i64>,
     #[serde(flatten)]
     other: BTreeMap<String, serde_yaml_ng::Value>,
 }
@@ -556,6 +583,25 @@ impl KubeletConfiguration {
         if let Some(n) = int_field::<i32>("nodeStatusMaxImages", file.node_status_max_images, -1)? {
             c.node_status_max_images = n;
         }
+        if let Some(q) = file.cgroups_per_qos {
+            c.cgroups_per_qos = q;
+        }
+        if let Some(r) = file.cgroup_root.filter(|r| !r.is_empty()) {
+            c.cgroup_root = cgroupfs_path("cgroupRoot", &r)?;
+        }
+        if let Some(r) = file.system_reserved_cgroup.filter(|r| !r.is_empty()) {
+            c.system_reserved_cgroup = cgroupfs_path("systemReservedCgroup", &r)?;
+        }
+        if let Some(r) = file.kube_reserved_cgroup.filter(|r| !r.is_empty()) {
+            c.kube_reserved_cgroup = cgroupfs_path("kubeReservedCgroup", &r)?;
+        }
+        if let Some(e) = file.enforce_node_allocatable {
+            c.enforce_node_allocatable = e;
+        }
+        validate_enforcement(&mut c)?;
+        if let Some(p) = file.pod_pids_limit {
+            c.pod_pids_limit = p;
+        }
         Ok((c, warnings))
     }
 }
@@ -682,6 +728,69 @@ fn absolute(p: &Path) -> PathBuf {
     } else {
         std::env::current_dir().map_or_else(|_| p.to_path_buf(), |d| d.join(p))
     }
+}
+
+/// A cgroupfs path (`/a/b`): absolute, without `..`; normalised (`//` and a trailing `/` go).
+fn cgroupfs_path(field: &str, p: &str) -> Result<String, ConfigError> {
+    if !p.starts_with('/') {
+        return Err(invalid(format!(
+            "{field} {p:?} must be an absolute cgroupfs path (the systemd driver's slice names are not supported)"
+        )));
+    }
+    let parts: Vec<&str> = p
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
+    if parts.contains(&"..") {
+        return Err(invalid(format!("{field} {p:?} must not contain \"..\"")));
+    }
+    Ok(format!("/{}", parts.join("/")))
+}
+
+/// Checks `enforceNodeAllocatable` as upstream's validation does; `["none"]` becomes empty.
+fn validate_enforcement(c: &mut KubeletConfiguration) -> Result<(), ConfigError> {
+    let e = &c.enforce_node_allocatable;
+    if e.iter().any(|v| v == "none") {
+        if e.len() > 1 {
+            return Err(invalid(
+                "enforceNodeAllocatable: \"none\" cannot be combined with other values",
+            ));
+        }
+        c.enforce_node_allocatable.clear();
+        return Ok(());
+    }
+    for v in e {
+        match v.as_str() {
+            "pods" => {}
+            "system-reserved" if c.system_reserved_cgroup.is_empty() => {
+                return Err(invalid(
+                    "enforceNodeAllocatable: systemReservedCgroup must be set when \"system-reserved\" is enforced",
+                ));
+            }
+            "kube-reserved" if c.kube_reserved_cgroup.is_empty() => {
+                return Err(invalid(
+                    "enforceNodeAllocatable: kubeReservedCgroup must be set when \"kube-reserved\" is enforced",
+                ));
+            }
+            "system-reserved" | "kube-reserved" => {}
+            "system-reserved-compressible" | "kube-reserved-compressible" => {
+                return Err(invalid(format!(
+                    "enforceNodeAllocatable: {v:?} is not supported by deckhand-kubelet"
+                )));
+            }
+            v => {
+                return Err(invalid(format!(
+                    "enforceNodeAllocatable: {v:?}: valid values are \"pods\", \"system-reserved\", \"kube-reserved\" and \"none\""
+                )));
+            }
+        }
+    }
+    if !c.cgroups_per_qos && !e.is_empty() {
+        return Err(invalid(
+            "enforceNodeAllocatable is not supported unless cgroupsPerQOS is true (set enforceNodeAllocatable: [] or [none])",
+        ));
+    }
+    Ok(())
 }
 
 /// Parses a Go `time.Duration` string (`10s`, `5m0s`, `1h30m`, `1.5s`, `300ms`, `0`).
@@ -890,6 +999,54 @@ mod tests {
         assert!(c.authentication_webhook);
         assert_eq!(c.authorization_mode, AuthorizationMode::Webhook);
         assert!(c.client_ca_file.is_none() && c.tls_cert_file.is_none());
+        assert!(c.cgroups_per_qos);
+        assert_eq!(c.cgroup_root, "/");
+        assert_eq!(c.enforce_node_allocatable, ["pods"]);
+        assert_eq!(c.pod_pids_limit, -1);
+        assert!(c.system_reserved_cgroup.is_empty() && c.kube_reserved_cgroup.is_empty());
+    }
+
+    #[test]
+    fn cgroup_fields() {
+        let (c, w) = load(
+            "cgroupRoot: /dh//root/\ncgroupsPerQOS: true\npodPidsLimit: 100\n\
+             enforceNodeAllocatable: [pods, system-reserved, kube-reserved]\n\
+             systemReservedCgroup: /system.slice\nkubeReservedCgroup: /dh-kube\n",
+        )
+        .expect("config");
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(c.cgroup_root, "/dh/root");
+        assert_eq!(c.pod_pids_limit, 100);
+        assert_eq!(c.enforce_node_allocatable.len(), 3);
+        assert_eq!(c.system_reserved_cgroup, "/system.slice");
+        let (c, _) = load("enforceNodeAllocatable: [none]\n").expect("none");
+        assert!(c.enforce_node_allocatable.is_empty());
+        let (c, _) = load("enforceNodeAllocatable: []\n").expect("empty");
+        assert!(c.enforce_node_allocatable.is_empty());
+        let (c, _) = load("cgroupsPerQOS: false\nenforceNodeAllocatable: []\n").expect("no qos");
+        assert!(!c.cgroups_per_qos);
+        for (body, says) in [
+            ("cgroupsPerQOS: false\n", "cgroupsPerQOS"),
+            ("enforceNodeAllocatable: [pods, none]\n", "\"none\""),
+            (
+                "enforceNodeAllocatable: [system-reserved]\n",
+                "systemReservedCgroup",
+            ),
+            (
+                "enforceNodeAllocatable: [kube-reserved]\n",
+                "kubeReservedCgroup",
+            ),
+            (
+                "enforceNodeAllocatable: [system-reserved-compressible]\n",
+                "not supported",
+            ),
+            ("enforceNodeAllocatable: [everything]\n", "valid values"),
+            ("cgroupRoot: kubepods.slice\n", "absolute"),
+            ("cgroupRoot: /a/../b\n", "\"..\""),
+        ] {
+            let e = load(body).expect_err(body).to_string();
+            assert!(e.contains(says), "{body:?}: {e}");
+        }
     }
 
     #[test]

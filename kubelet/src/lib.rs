@@ -19,14 +19,17 @@
 //! * [`pods`]: pod sources (API watch, static-pod directory, mirror pods), one worker per pod
 //!   (sandbox, volumes, images with pull secrets, env, init and main containers, probes,
 //!   lifecycle hooks, restarts with back-off, graceful deletion) and pod status.
+//! * [`cgroups`]: the `kubepods` node allocatable, QoS and pod cgroups (upstream's cgroupfs
+//!   driver with cgroupsPerQOS), pod-level limits before each sandbox.
 //! * [`events`]: core/v1 Events about pods, never blocking a reconcile.
 //! * [`server`]: the kubelet's HTTPS API on `address:port` (logs, exec, attach, port-forward,
 //!   run, pods, healthz) with x509/TokenReview authentication and Webhook authorization.
 //!
 //! Standalone mode (no `--kubeconfig`) runs static pods only. Not implemented yet (see the
 //! kubelet issue): sidecars, gRPC probes, PVC/CSI volumes, eviction of pods, critical-pod
-//! preemption, pod-level cgroup limits.
+//! preemption.
 
+pub mod cgroups;
 pub mod conditions;
 pub mod config;
 pub mod events;
@@ -79,6 +82,59 @@ pub enum Error {
     /// The kubelet's HTTPS API could not be set up (TLS files, the port).
     #[error("the kubelet API: {0}")]
     Server(#[from] server::ServerError),
+    /// The node allocatable or QoS cgroups could not be set up.
+    #[error("cgroups: {0}")]
+    Cgroups(#[from] cgroups::CgroupError),
+}
+
+/// How often the node allocatable and QoS cgroups are applied again (upstream's QoS container
+/// manager: every minute).
+const CGROUP_RESYNC: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Sets up the kubelet's cgroups on the blocking pool ([`cgroups::PodCgroups::start`]).
+async fn start_cgroups(
+    config: &Config,
+    machine: &machine::MachineInfo,
+) -> Result<Arc<cgroups::PodCgroups>, Error> {
+    let kc = &config.kubelet;
+    let capacity = resources::capacity(machine, None, kc.max_pods, kc.pods_per_core);
+    let max_pids = machine::pid_stats().ok().map(|p| p.max);
+    let page_sizes = machine.huge_pages.iter().map(|h| h.page_size).collect();
+    let settings = cgroups::Settings::from_config(kc);
+    let pc = Arc::new(cgroups::PodCgroups::new(
+        settings, &capacity, max_pids, page_sizes,
+    )?);
+    let p = pc.clone();
+    tokio::task::spawn_blocking(move || p.start())
+        .await
+        .map_err(|e| cgroups::CgroupError::Task(e.to_string()))??;
+    let n = pc.node_allocatable();
+    tracing::info!(
+        cgroup_root = %pc.settings().root,
+        per_qos = pc.settings().per_qos,
+        enforce_pods = pc.settings().enforce_pods,
+        cpu_shares = ?n.cpu_shares,
+        memory = ?n.memory,
+        pids = ?n.pids,
+        "cgroups"
+    );
+    Ok(pc)
+}
+
+/// Applies the node allocatable and QoS cgroups again every [`CGROUP_RESYNC`].
+async fn resync_cgroups(pc: Arc<cgroups::PodCgroups>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(CGROUP_RESYNC) => {}
+        }
+        let p = pc.clone();
+        match tokio::task::spawn_blocking(move || p.start()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("updating the QoS cgroups: {e}"),
+            Err(e) => tracing::warn!("updating the QoS cgroups: {e}"),
+        }
+    }
 }
 
 /// Builds a client of the API server from a kubeconfig file.
@@ -153,6 +209,7 @@ struct PodsSetup {
     machine: machine::MachineInfo,
     node_ip: Option<std::net::IpAddr>,
     node_state: Option<watch::Receiver<NodeState>>,
+    cgroups: Arc<cgroups::PodCgroups>,
 }
 
 fn start_pods(
@@ -168,7 +225,9 @@ fn start_pods(
         machine,
         node_ip,
         node_state,
+        cgroups,
     } = setup;
+    tasks.spawn(resync_cgroups(cgroups.clone(), shutdown.clone()));
     let host_dns = std::fs::read_to_string("/etc/resolv.conf")
         .map(|t| pods::spec::parse_resolv_conf(&t))
         .unwrap_or_default();
@@ -202,6 +261,7 @@ fn start_pods(
             config: config.clone(),
             machine,
         },
+        cgroups,
     });
     let mut sources = std::collections::HashSet::new();
     if client.is_some() {
@@ -300,6 +360,7 @@ async fn standalone(
         _ = shutdown.cancelled() => return Ok(()),
         ip = node::resolve_node_ip(&config) => ip,
     };
+    let cgroups = start_cgroups(&config, &machine).await?;
     let mut tasks = tokio::task::JoinSet::new();
     let setup = PodsSetup {
         client: None,
@@ -308,6 +369,7 @@ async fn standalone(
         machine: machine.clone(),
         node_ip,
         node_state: None,
+        cgroups,
     };
     start_pods(&config, setup, &mut tasks, &shutdown)?;
     shutdown.cancelled().await;
@@ -340,6 +402,7 @@ async fn cluster(
     let (state_tx, state_rx) = watch::channel(NodeState::default());
     let node_trigger = reconcile::Trigger::default();
     let lease_trigger = reconcile::Trigger::default();
+    let cgroups = start_cgroups(&config, &machine).await?;
     let mut tasks = tokio::task::JoinSet::new();
 
     let setup = PodsSetup {
@@ -349,6 +412,7 @@ async fn cluster(
         machine: machine.clone(),
         node_ip: Some(node_ip),
         node_state: Some(state_rx.clone()),
+        cgroups,
     };
     start_pods(&config, setup, &mut tasks, &shutdown)?;
     let controller = node::NodeController::new(

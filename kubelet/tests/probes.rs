@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Result, anyhow, bail, ensure};
+use deckhand_kubelet::pods::static_pods;
 use deckhand_proto::cri::{
     ContainerFilter, ContainerStatusRequest, ExecSyncRequest, ListContainersRequest,
 };
@@ -411,5 +412,203 @@ async fn pre_stop_runs_before_the_container_gets_sigterm() -> Result<()> {
         .map(str::to_string)
         .collect();
     assert_eq!(lines, ["start", "pre-stop", "term"]);
+    bed.pass()
+}
+
+/// A gRPC health server (tonic-health) in the test process on a loopback port: the pods use
+/// `hostNetwork`, so their IP is the node IP the kubelet was given (127.0.0.1). Stopped on drop.
+struct HealthServer {
+    port: u16,
+    reporter: tonic_health::server::HealthReporter,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HealthServer {
+    async fn start() -> Result<HealthServer> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let (reporter, service) = tonic_health::server::health_reporter();
+        let task = tokio::spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                .await;
+            if let Err(e) = served {
+                eprintln!("the health server stopped: {e}");
+            }
+        });
+        Ok(HealthServer {
+            port,
+            reporter,
+            task,
+        })
+    }
+
+    async fn set(&self, service: &str, serving: bool) {
+        let status = if serving {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        self.reporter.set_service_status(service, status).await;
+    }
+}
+
+impl Drop for HealthServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Writes static pod `name` (hostNetwork, busybox sleeping) with `container` fields merged
+/// into its container; gives its UID.
+fn write_static_pod(bed: &Bed, name: &str, container: serde_json::Value) -> Result<String> {
+    let mut c = json!({ "name": "c", "image": busybox(), "command": ["sleep", "3600"] });
+    if let (Some(base), Some(extra)) = (c.as_object_mut(), container.as_object()) {
+        for (k, v) in extra {
+            base.insert(k.clone(), v.clone());
+        }
+    }
+    let manifest = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": name, "namespace": bed.ns },
+        "spec": { "hostNetwork": true, "terminationGracePeriodSeconds": 1, "containers": [c] },
+    });
+    let file = bed.static_dir().join(format!("{name}.json"));
+    std::fs::write(&file, serde_json::to_vec(&manifest)?)?;
+    let pod = static_pods::parse_manifest(&file, &std::fs::read_to_string(&file)?, &bed.node)?;
+    pod.metadata.uid.ok_or_else(|| anyhow!("no uid"))
+}
+
+/// The runtime's containers of pod `uid` as (attempt, running), oldest first.
+async fn attempts(uid: &str) -> Result<Vec<(u32, bool)>> {
+    let mut v: Vec<(u32, bool)> = containers_of(uid)
+        .await?
+        .into_iter()
+        .map(|c| {
+            let attempt = c.metadata.map_or(0, |m| m.attempt);
+            let running = c.state == deckhand_proto::cri::ContainerState::ContainerRunning as i32;
+            (attempt, running)
+        })
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// The count of the Events about `uid` with `reason` whose message contains `text`.
+async fn event_count(bed: &Bed, uid: &str, reason: &str, text: &str) -> Result<i32> {
+    let events: Api<Event> = Api::namespaced(bed.client.clone(), &bed.ns);
+    Ok(events
+        .list(&ListParams::default())
+        .await?
+        .into_iter()
+        .filter(|e| {
+            e.involved_object.uid.as_deref() == Some(uid)
+                && e.reason.as_deref() == Some(reason)
+                && e.message.as_deref().is_some_and(|m| m.contains(text))
+        })
+        .map(|e| e.count.unwrap_or(1))
+        .sum())
+}
+
+// The test bed's API server (1.20) predates `probe.grpc` and drops it (the pod is then
+// invalid: a probe without a handler), so gRPC probes come from static pods, whose mirror pods
+// that API server refuses for the same reason: what the probes do is observed through the
+// runtime (restarts) and the Events the kubelet posts about the static pods.
+#[tokio::test]
+async fn grpc_probes_follow_a_health_server() -> Result<()> {
+    let bed = Bed::start("probe-grpc", true).await?;
+    let health = HealthServer::start().await?;
+    health.set("dh.Ready", true).await;
+    health.set("dh.Start", false).await;
+    health.set("dh.Live", false).await;
+    let grpc = |service: &str, failures: i32| {
+        json!({ "grpc": { "port": health.port, "service": service },
+            "periodSeconds": 1, "failureThreshold": failures })
+    };
+    let ready = write_static_pod(
+        &bed,
+        "ready",
+        json!({ "readinessProbe": grpc("dh.Ready", 1) }),
+    )?;
+    let live = write_static_pod(
+        &bed,
+        "live",
+        json!({ "startupProbe": grpc("dh.Start", 600), "livenessProbe": grpc("dh.Live", 1) }),
+    )?;
+    let readiness_failed =
+        "Readiness probe failed: service unhealthy (responded with \"NOT_SERVING\")";
+
+    // The startup probe fails (its service does not serve) and holds the liveness probe back,
+    // although that one's service does not serve either: no restart.
+    let startup_failed = "Startup probe failed: service unhealthy (responded with \"NOT_SERVING\")";
+    eventually(LONG, "failing startup probes", || async {
+        let n = event_count(&bed, &live, "Unhealthy", startup_failed).await?;
+        Ok(if n >= 3 {
+            Ok(())
+        } else {
+            Err(format!("{n} events"))
+        })
+    })
+    .await?;
+    assert_eq!(attempts(&live).await?, [(0, true)]);
+    assert_eq!(
+        event_count(&bed, &live, "Unhealthy", "Liveness probe failed").await?,
+        0
+    );
+    // SERVING: the readiness probe has not failed.
+    assert_eq!(attempts(&ready).await?, [(0, true)]);
+    assert_eq!(
+        event_count(&bed, &ready, "Unhealthy", "Readiness").await?,
+        0
+    );
+
+    // SERVING → NOT_SERVING → SERVING: readiness failures start, then stop; no restart.
+    health.set("dh.Ready", false).await;
+    eventually(LONG, "failing readiness probes", || async {
+        let n = event_count(&bed, &ready, "Unhealthy", readiness_failed).await?;
+        Ok(if n >= 2 {
+            Ok(())
+        } else {
+            Err(format!("{n} events"))
+        })
+    })
+    .await?;
+    health.set("dh.Ready", true).await;
+    // The last failed attempt may still be on its way to the API server.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let settled = event_count(&bed, &ready, "Unhealthy", readiness_failed).await?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        event_count(&bed, &ready, "Unhealthy", readiness_failed).await?,
+        settled,
+        "no failures while serving again"
+    );
+    assert_eq!(
+        attempts(&ready).await?,
+        [(0, true)],
+        "readiness restarts nothing"
+    );
+
+    // The startup probe succeeds: the liveness probe runs, fails and restarts the container.
+    health.set("dh.Start", true).await;
+    eventually(LONG, "restarted by the liveness probe", || async {
+        let a = attempts(&live).await?;
+        Ok(if a.iter().any(|(n, running)| *n >= 1 && *running) {
+            Ok(())
+        } else {
+            Err(format!("{a:?}"))
+        })
+    })
+    .await?;
+    bed.wait_event(&live, "Killing", "failed liveness probe, will be restarted")
+        .await?;
+    bed.wait_event(
+        &live,
+        "Unhealthy",
+        "Liveness probe failed: service unhealthy (responded with \"NOT_SERVING\")",
+    )
+    .await?;
+    drop(health);
     bed.pass()
 }

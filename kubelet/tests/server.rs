@@ -519,14 +519,17 @@ async fn kubectl_logs_exec_attach_and_port_forward_through_the_api_server() -> R
     assert!(out.lines().any(|l| l == "started"), "{out:?}");
     let stdout: Vec<&str> = out.lines().filter(|l| *l != "started").collect();
     assert!(stdout.starts_with(&["line 0", "line 1"]), "{out:?}");
+    let newest = out.lines().filter_map(counter).max().unwrap_or(0);
     let out = bed.kubectl_out(&["logs", "web", "-c", "main", "--tail=2"])?;
     ensure!(out.status.success(), "{out:?}");
     let text = String::from_utf8(out.stdout)?;
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 2, "{text:?}");
+    // The last two lines: consecutive, and at least as new as anything the full log showed.
+    let tail: Vec<u64> = lines.iter().filter_map(|l| counter(l)).collect();
     assert!(
-        lines.iter().all(|l| counter(l).is_some_and(|n| n >= 3)),
-        "{text:?}"
+        tail.len() == 2 && tail[1] == tail[0] + 1 && tail[1] >= newest,
+        "{text:?} after line {newest}"
     );
     let out = bed.kubectl_out(&["logs", "web", "-c", "main", "--tail=1", "--timestamps"])?;
     ensure!(out.status.success(), "{out:?}");
@@ -810,5 +813,116 @@ async fn kubectl_logs_previous_shows_the_instance_before_a_restart() -> Result<(
     assert_eq!(String::from_utf8_lossy(&out.stdout), "first\n", "{out:?}");
     let out = bed.kubectl_out(&["logs", "crash"])?;
     assert_eq!(String::from_utf8_lossy(&out.stdout), "second\n", "{out:?}");
+    bed.pass()
+}
+
+#[tokio::test]
+async fn kubectl_attach_writes_to_a_stdin_container() -> Result<()> {
+    let bed = Bed::start("srv-stdin").await?;
+    // `cat` with its stdin kept open by the runtime; `once` gets EOF when its first attach
+    // ends (stdinOnce), so its `cat` returns.
+    bed.create_pod(
+        "cat",
+        json!([
+            { "name": "main", "image": busybox(), "command": ["cat"], "stdin": true },
+            { "name": "once", "image": busybox(), "stdin": true, "stdinOnce": true,
+              "command": ["sh", "-c", "cat; echo stdin closed"] },
+        ]),
+    )
+    .await?;
+    bed.wait_running("cat").await?;
+
+    // attach -i: the line goes to cat's stdin, comes back on the attached stdout and is in
+    // the container's log.
+    let mut attach = bed
+        .kubectl()
+        .args(["attach", "-i", "cat", "-c", "main"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut stdin = attach.stdin.take().ok_or_else(|| anyhow!("no stdin"))?;
+    // kubectl sends stdin once the stream is up; repeat until the echo is seen.
+    let writer = std::thread::spawn(move || {
+        for _ in 0..20 {
+            if stdin.write_all(b"through attach\n").is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
+    let lines = read_lines_for(attach, Duration::from_secs(20), 1)?;
+    let _ = writer.join();
+    assert_eq!(
+        lines.first().map(String::as_str),
+        Some("through attach"),
+        "{lines:?}"
+    );
+    let logged = eventually(Duration::from_secs(20), "the line in the log", || async {
+        let out = bed.kubectl_out(&["logs", "cat", "-c", "main"])?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        Ok(if text.lines().any(|l| l == "through attach") {
+            Ok(text)
+        } else {
+            Err(format!("{text:?} {}", String::from_utf8_lossy(&out.stderr)))
+        })
+    })
+    .await?;
+    assert!(
+        logged.lines().all(|l| l == "through attach"),
+        "only what was written: {logged:?}"
+    );
+
+    // stdinOnce: the first attach's EOF closes the container's stdin; cat returns and the
+    // container exits (and restarts).
+    let mut once = bed
+        .kubectl()
+        .args(["attach", "-i", "cat", "-c", "once"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut stdin = once.stdin.take().ok_or_else(|| anyhow!("no stdin"))?;
+    let out = once.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let result = (|| -> Result<()> {
+        // kubectl reads its stdin once the stream is up; the echo says the line went through.
+        stdin.write_all(b"once\n")?;
+        let echoed = rx.recv_timeout(Duration::from_secs(20));
+        ensure!(echoed.as_deref() == Ok("once"), "{echoed:?}");
+        drop(stdin);
+        Ok(())
+    })();
+    let finished = eventually(LONG, "once's cat ended by EOF", || async {
+        let out = bed.kubectl_out(&["logs", "cat", "-c", "once", "--previous"])?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        Ok(if text.contains("stdin closed") {
+            Ok(text)
+        } else {
+            Err(format!("{text:?} {}", String::from_utf8_lossy(&out.stderr)))
+        })
+    })
+    .await;
+    let _ = once.kill();
+    let _ = once.wait();
+    result?;
+    let text = finished?;
+    assert_eq!(text, "once\nstdin closed\n");
+    let p = bed.pods().get("cat").await?;
+    let main = p
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|c| c.iter().find(|c| c.name == "main"))
+        .ok_or_else(|| anyhow!("no status of main: {:?}", p.status))?;
+    assert_eq!(main.restart_count, 0, "main's stdin stays open: {main:?}");
     bed.pass()
 }

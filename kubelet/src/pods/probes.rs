@@ -1,5 +1,6 @@
 //! Container probes (liveness, readiness, startup) and the actions they share with lifecycle
-//! hooks (exec through CRI `ExecSync`, httpGet, tcpSocket).
+//! hooks (exec through CRI `ExecSync`, httpGet, tcpSocket), and gRPC probes
+//! (`grpc.health.v1.Health/Check` over plain HTTP/2, as upstream's prober).
 //!
 //! Each running container with probes gets one tokio task per probe ([`PodProbes::sync`]
 //! starts them for new container IDs and cancels those of containers that no longer run).
@@ -11,7 +12,6 @@
 //! ([`PodProbes::state`]): `started` and `ready` go into the container status, and a failed
 //! liveness or startup probe makes it kill the container (which then restarts per
 //! restartPolicy with back-off). Every failed attempt is an `Unhealthy` event.
-//! gRPC probes are refused at admission.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -27,7 +27,10 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 use super::ManagerEvent;
 use crate::events::{EventType, Recorder};
@@ -67,13 +70,6 @@ impl Kind {
             Kind::Startup => c.startup_probe.as_ref(),
         }
     }
-}
-
-/// Whether a container has a gRPC probe (refused at admission).
-pub fn uses_grpc(c: &Container) -> bool {
-    [Kind::Liveness, Kind::Readiness, Kind::Startup]
-        .iter()
-        .any(|k| k.of(c).is_some_and(|p| p.grpc.is_some()))
 }
 
 /// A probe's timing and thresholds with upstream's defaults and minimums.
@@ -615,6 +611,113 @@ pub async fn tcp_connect(
     }
 }
 
+/// A duration as Go prints one in upstream's messages (`1s`, `1m30s`, `500ms`).
+fn go_duration(d: Duration) -> String {
+    let (secs, millis) = (d.as_secs(), d.subsec_millis());
+    if secs == 0 {
+        return format!("{millis}ms");
+    }
+    let frac = if millis == 0 {
+        String::new()
+    } else {
+        format!(".{millis:03}").trim_end_matches('0').to_string()
+    };
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}{frac}s"),
+        (0, m) => format!("{m}m{s}{frac}s"),
+        (h, m) => format!("{h}h{m}m{s}{frac}s"),
+    }
+}
+
+/// An error with its sources, as `a: b: c`.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = s.source();
+    }
+    out
+}
+
+/// A gRPC health check as upstream's gRPC prober: `grpc.health.v1.Health/Check` of `service`
+/// (empty: the server as a whole) on `host:port` over plain HTTP/2 (no TLS), connection and
+/// call together bounded by `timeout`. `Ok` only for `SERVING`; otherwise upstream's message.
+pub async fn grpc_check(
+    host: &str,
+    port: u16,
+    service: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let addr = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    let connect_failed = |e: String| format!("error: failed to connect service at {addr:?}: {e}");
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .and_then(|e| e.user_agent(USER_AGENT))
+        .map_err(|e| connect_failed(error_chain(&e)))?;
+    let channel = match tokio::time::timeout_at(deadline, endpoint.connect()).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(connect_failed(error_chain(&e))),
+        Err(_) => {
+            return Err(format!(
+                "timeout: failed to connect service {addr:?} within {}: context deadline exceeded",
+                go_duration(timeout)
+            ));
+        }
+    };
+    let rpc_timeout = || {
+        format!(
+            "timeout: health rpc did not complete within {}",
+            go_duration(timeout)
+        )
+    };
+    let mut request = tonic::Request::new(HealthCheckRequest {
+        service: service.to_string(),
+    });
+    // The deadline goes to the server too (`grpc-timeout`), as a Go context's does.
+    request.set_timeout(
+        deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(Duration::from_millis(1)),
+    );
+    let mut client = HealthClient::new(channel);
+    let answer = match tokio::time::timeout_at(deadline, client.check(request)).await {
+        Ok(a) => a,
+        Err(_) => return Err(rpc_timeout()),
+    };
+    match answer {
+        Ok(r) => match r.into_inner().status() {
+            ServingStatus::Serving => Ok(()),
+            other => Err(format!(
+                "service unhealthy (responded with {:?})",
+                other.as_str_name()
+            )),
+        },
+        Err(status) => Err(match status.code() {
+            tonic::Code::Unimplemented => format!(
+                "error: this server does not implement the grpc health protocol (grpc.health.v1.Health): {}",
+                status.message()
+            ),
+            tonic::Code::DeadlineExceeded => rpc_timeout(),
+            // tonic's own enforcement of the `grpc-timeout` it sent.
+            tonic::Code::Cancelled if tokio::time::Instant::now() >= deadline => rpc_timeout(),
+            code => format!(
+                "error: health rpc probe failed: rpc error: code = {code:?} desc = {}",
+                status.message()
+            ),
+        }),
+    }
+}
+
 /// One attempt of probe `p`: `Ok` on success, else the failure's message.
 pub async fn run_once(
     exec: &ExecClient,
@@ -649,8 +752,22 @@ pub async fn run_once(
     if let Some(t) = &p.tcp_socket {
         return tcp_connect(t, c, pod_ip, timeout).await;
     }
-    if p.grpc.is_some() {
-        return Err("gRPC probes are not supported".into());
+    if let Some(g) = &p.grpc {
+        // Upstream's gRPC probe goes to the pod's IP only (the action has no host).
+        if pod_ip.is_empty() {
+            return Err("the pod has no IP yet".into());
+        }
+        let port = u16::try_from(g.port)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("invalid port number: {}", g.port))?;
+        return grpc_check(
+            pod_ip,
+            port,
+            g.service.as_deref().unwrap_or_default(),
+            timeout,
+        )
+        .await;
     }
     Err("the probe has no handler".into())
 }
@@ -706,11 +823,13 @@ impl PodProbes {
             if self.running.contains_key(&t.id) {
                 continue;
             }
-            let Some(c) = super::spec::spec(pod)
+            // Sidecars (restartable init containers) are probed as the containers are.
+            let s = super::spec::spec(pod);
+            let mut all = s
                 .containers
                 .iter()
-                .find(|c| c.name == t.name)
-            else {
+                .chain(s.init_containers.iter().flatten());
+            let Some(c) = all.find(|c| c.name == t.name) else {
                 continue;
             };
             let kinds: Vec<Kind> = [Kind::Startup, Kind::Liveness, Kind::Readiness]
@@ -1220,6 +1339,202 @@ mod tests {
             String::from_utf8_lossy(&buf[..n]).into_owned()
         });
         (port, task)
+    }
+
+    #[test]
+    fn durations_as_go_prints_them() {
+        assert_eq!(go_duration(Duration::from_secs(1)), "1s");
+        assert_eq!(go_duration(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(go_duration(Duration::from_millis(250)), "250ms");
+        assert_eq!(go_duration(Duration::from_secs(90)), "1m30s");
+        assert_eq!(go_duration(Duration::from_secs(3600)), "1h0m0s");
+    }
+
+    /// A tonic health server on a loopback port: its port, reporter and the task serving.
+    async fn health_server() -> (
+        u16,
+        tonic_health::server::HealthReporter,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        let (reporter, service) = tonic_health::server::health_reporter();
+        let task = tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(l))
+                .await
+                .expect("serve");
+        });
+        (port, reporter, task)
+    }
+
+    #[tokio::test]
+    async fn grpc_checks_as_upstream() {
+        let (port, reporter, server) = health_server().await;
+        let t = Duration::from_secs(2);
+        let check = |service: &'static str| grpc_check("127.0.0.1", port, service, t);
+        assert_eq!(check("").await, Ok(()), "the server as a whole serves");
+        reporter
+            .set_service_status("dh.Web", tonic_health::ServingStatus::Serving)
+            .await;
+        assert_eq!(check("dh.Web").await, Ok(()));
+        reporter
+            .set_service_status("dh.Web", tonic_health::ServingStatus::NotServing)
+            .await;
+        assert_eq!(
+            check("dh.Web").await,
+            Err("service unhealthy (responded with \"NOT_SERVING\")".to_string())
+        );
+        reporter
+            .set_service_status("dh.Web", tonic_health::ServingStatus::Unknown)
+            .await;
+        assert_eq!(
+            check("dh.Web").await,
+            Err("service unhealthy (responded with \"UNKNOWN\")".to_string())
+        );
+        let unknown = check("dh.Nothing").await.expect_err("unknown service");
+        assert!(
+            unknown
+                .starts_with("error: health rpc probe failed: rpc error: code = NotFound desc = "),
+            "{unknown}"
+        );
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        assert_eq!(
+            check("").await,
+            Err("service unhealthy (responded with \"NOT_SERVING\")".to_string())
+        );
+        server.abort();
+        let _ = server.await;
+        // Nothing listens any more.
+        let refused = check("").await.expect_err("refused");
+        assert!(
+            refused.starts_with(&format!(
+                "error: failed to connect service at \"127.0.0.1:{port}\": "
+            )),
+            "{refused}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_grpc_check_times_out_on_a_silent_server() {
+        // Accepts connections and never answers (no HTTP/2 settings, no response).
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        let started = tokio::time::Instant::now();
+        let e = grpc_check("127.0.0.1", port, "", Duration::from_secs(1))
+            .await
+            .expect_err("a timeout");
+        assert!(
+            e == "timeout: health rpc did not complete within 1s"
+                || e == format!(
+                    "timeout: failed to connect service \"127.0.0.1:{port}\" within 1s: context deadline exceeded"
+                ),
+            "{e}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10), "bounded");
+        silent.abort();
+    }
+
+    #[tokio::test]
+    async fn grpc_probes_go_to_the_pod_ip() {
+        let (port, _reporter, server) = health_server().await;
+        let c = Container {
+            name: "c".into(),
+            ..Default::default()
+        };
+        let exec = ExecClient::new("unix:///nonexistent/dh.sock");
+        let p = probe(serde_json::json!({"grpc": {"port": port}, "timeoutSeconds": 2}));
+        assert_eq!(run_once(&exec, &p, &c, "id", "127.0.0.1").await, Ok(()));
+        let named = probe(serde_json::json!({"grpc": {"port": port, "service": "dh.None"}}));
+        assert!(
+            run_once(&exec, &named, &c, "id", "127.0.0.1")
+                .await
+                .is_err()
+        );
+        assert!(
+            run_once(&exec, &p, &c, "id", "").await.is_err(),
+            "no IP yet"
+        );
+        let bad = probe(serde_json::json!({"grpc": {"port": 70000}}));
+        assert_eq!(
+            run_once(&exec, &bad, &c, "id", "127.0.0.1").await,
+            Err("invalid port number: 70000".to_string())
+        );
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_grpc_readiness_probe_follows_the_serving_status() {
+        let (port, reporter, server) = health_server().await;
+        reporter
+            .set_service_status("dh.Web", tonic_health::ServingStatus::Serving)
+            .await;
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "n", "uid": "u"},
+            "spec": {"containers": [{"name": "web", "readinessProbe": {
+                "grpc": {"port": port, "service": "dh.Web"},
+                "periodSeconds": 1, "failureThreshold": 1}}]}
+        }))
+        .expect("pod");
+        let (wake, _woken) = mpsc::unbounded_channel();
+        let env = Env {
+            exec: Arc::new(ExecClient::new("unix:///nonexistent/dh.sock")),
+            events: Recorder::logging(),
+            wake,
+        };
+        let started_at = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .expect("time")
+            .as_nanos();
+        let target = Target {
+            name: "web".into(),
+            id: "id-web".into(),
+            started_at: i64::try_from(started_at).expect("ns"),
+        };
+        let mut probes = PodProbes::default();
+        probes.sync(&env, &Arc::new(pod), &[target], "127.0.0.1");
+        let ready_within = |want: bool| {
+            let probes = &probes;
+            async move {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                loop {
+                    let s = probes.state("id-web").expect("state");
+                    if s.ready == want {
+                        assert!(s.started && s.kill.is_none(), "{s:?}");
+                        return;
+                    }
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "ready {want}: {s:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        ready_within(true).await;
+        reporter
+            .set_service_status("dh.Web", tonic_health::ServingStatus::NotServing)
+            .await;
+        ready_within(false).await;
+        reporter
+            .set_service_status("dh.Web", tonic_health::ServingStatus::Serving)
+            .await;
+        ready_within(true).await;
+        probes.stop_all();
+        server.abort();
     }
 
     #[tokio::test]

@@ -151,16 +151,14 @@ pub fn unsupported(pod: &Pod) -> Vec<String> {
     for (c, init) in all {
         let n = &c.name;
         for (set, what) in [
-            (super::probes::uses_grpc(c), "grpc probes"),
             (
-                init && c.restart_policy.is_some(),
-                "restartPolicy (sidecars)",
+                // Sidecars are init containers with Always; nothing else is valid.
+                c.restart_policy
+                    .as_deref()
+                    .is_some_and(|p| !init || p != "Always"),
+                "restartPolicy other than Always on an init container",
             ),
             (c.resize_policy.is_some(), "resizePolicy"),
-            (
-                c.stdin.unwrap_or(false) || c.tty.unwrap_or(false),
-                "stdin/tty",
-            ),
         ] {
             if set {
                 out.push(format!("container {n:?}: {what}"));
@@ -211,13 +209,23 @@ pub fn qos_class(pod: &Pod) -> &'static str {
     }
 }
 
-/// The pod's cgroup parent (cgroupfs driver, cgroupsPerQOS): `/kubepods[/burstable|/besteffort]/pod<uid>`.
-pub fn cgroup_parent(pod: &Pod) -> String {
+/// The pod's cgroup parent as upstream's cgroupfs driver names it: with `cgroupsPerQOS`
+/// (`per_qos`) the pod cgroup `<root>/kubepods[/burstable|/besteffort]/pod<uid>`; without, the
+/// pods' containers go directly under `cgroupRoot` (`root`, a cgroupfs path such as `/`).
+pub fn cgroup_parent(pod: &Pod, root: &str, per_qos: bool) -> String {
+    let root = root.trim_end_matches('/');
+    if !per_qos {
+        return if root.is_empty() {
+            "/".into()
+        } else {
+            root.into()
+        };
+    }
     let uid = ids(pod).2;
     match qos_class(pod) {
-        "Guaranteed" => format!("/kubepods/pod{uid}"),
-        "Burstable" => format!("/kubepods/burstable/pod{uid}"),
-        _ => format!("/kubepods/besteffort/pod{uid}"),
+        "Guaranteed" => format!("{root}/kubepods/pod{uid}"),
+        "Burstable" => format!("{root}/kubepods/burstable/pod{uid}"),
+        _ => format!("{root}/kubepods/besteffort/pod{uid}"),
     }
 }
 
@@ -511,6 +519,7 @@ pub fn sandbox_config(
     attempt: u32,
     logs_root: &Path,
     dns: DnsConfig,
+    cgroup_parent: String,
 ) -> PodSandboxConfig {
     let (name, ns, uid) = ids(pod);
     let s = spec(pod);
@@ -569,7 +578,7 @@ pub fn sandbox_config(
         labels,
         annotations,
         linux: Some(LinuxPodSandboxConfig {
-            cgroup_parent: cgroup_parent(pod),
+            cgroup_parent,
             security_context: Some(LinuxSandboxSecurityContext {
                 namespace_options: Some(namespace_options(pod)),
                 run_as_user: sc
@@ -578,9 +587,7 @@ pub fn sandbox_config(
                 run_as_group: sc
                     .and_then(|c| c.run_as_group)
                     .map(|value| Int64Value { value }),
-                supplemental_groups: sc
-                    .and_then(|c| c.supplemental_groups.clone())
-                    .unwrap_or_default(),
+                supplemental_groups: supplemental_groups(pod),
                 ..Default::default()
             }),
             sysctls: sc
@@ -595,6 +602,19 @@ pub fn sandbox_config(
         }),
         ..Default::default()
     }
+}
+
+/// The supplemental groups of the pod's sandbox and of each of its containers, as upstream's
+/// `determineEffectiveSecurityContext`: the pod's `fsGroup` first, then its
+/// `supplementalGroups`.
+pub fn supplemental_groups(pod: &Pod) -> Vec<i64> {
+    let Some(sc) = spec(pod).security_context.as_ref() else {
+        return Vec::new();
+    };
+    sc.fs_group
+        .into_iter()
+        .chain(sc.supplemental_groups.iter().flatten().copied())
+        .collect()
 }
 
 /// The directory of volume `v`'s plugin under `<pods-dir>/<uid>/volumes/` (upstream's
@@ -805,9 +825,7 @@ pub fn container_config_with(
         readonly_rootfs: sc
             .and_then(|s| s.read_only_root_filesystem)
             .unwrap_or(false),
-        supplemental_groups: psc
-            .and_then(|s| s.supplemental_groups.clone())
-            .unwrap_or_default(),
+        supplemental_groups: supplemental_groups(pod),
         no_new_privs: sc
             .and_then(|s| s.allow_privilege_escalation)
             .is_some_and(|a| !a),
@@ -831,6 +849,11 @@ pub fn container_config_with(
         labels,
         annotations,
         log_path: format!("{}/{}.log", c.name, inputs.restart_count),
+        // `kubectl run -it` / `attach`: the runtime keeps the container's stdin open (closed
+        // after the first attach with stdinOnce) and gives it a terminal with tty.
+        stdin: c.stdin.unwrap_or(false),
+        stdin_once: c.stdin_once.unwrap_or(false),
+        tty: c.tty.unwrap_or(false),
         linux: Some(LinuxContainerConfig {
             resources: Some(container_resources(pod, c, inputs.memory_capacity)),
             security_context: Some(security),
@@ -913,7 +936,13 @@ mod tests {
         };
         let be = mk(serde_json::json!({}));
         assert_eq!(qos_class(&be), "BestEffort");
-        assert_eq!(cgroup_parent(&be), "/kubepods/besteffort/podu");
+        assert_eq!(cgroup_parent(&be, "/", true), "/kubepods/besteffort/podu");
+        assert_eq!(
+            cgroup_parent(&be, "/dh/r/", true),
+            "/dh/r/kubepods/besteffort/podu"
+        );
+        assert_eq!(cgroup_parent(&be, "/dh/r", false), "/dh/r");
+        assert_eq!(cgroup_parent(&be, "/", false), "/");
         let g = mk(serde_json::json!({"limits": {"cpu": "500m", "memory": "64Mi"}}));
         assert_eq!(qos_class(&g), "Guaranteed");
         let r = container_resources(&g, &spec(&g).containers[0], 1 << 30);
@@ -966,7 +995,18 @@ mod tests {
             "spec": {"hostNetwork": true, "containers": [{"name": "c",
                 "ports": [{"containerPort": 80, "hostPort": 8080}]}]}
         }));
-        let c = sandbox_config(&p, 2, Path::new("/var/log/pods"), DnsConfig::default());
+        let parent = cgroup_parent(&p, "/", true);
+        let c = sandbox_config(
+            &p,
+            2,
+            Path::new("/var/log/pods"),
+            DnsConfig::default(),
+            parent,
+        );
+        assert_eq!(
+            c.linux.as_ref().map(|l| l.cgroup_parent.as_str()),
+            Some("/kubepods/besteffort/podu1")
+        );
         let m = c.metadata.expect("metadata");
         assert_eq!(
             (
@@ -992,14 +1032,51 @@ mod tests {
 
     #[test]
     fn unsupported_fields_are_named() {
+        // gRPC probes and stdin/tty containers are supported; an nfs volume is not.
         let p = pod(serde_json::json!({"spec": {"containers": [{"name": "c",
-            "livenessProbe": {"grpc": {"port": 1}}}],
+            "livenessProbe": {"grpc": {"port": 1}}, "stdin": true, "stdinOnce": true, "tty": true}],
             "volumes": [{"name": "s", "nfs": {"server": "x", "path": "/"}}, {"name": "e", "emptyDir": {}},
                 {"name": "m", "emptyDir": {"medium": "Memory"}}, {"name": "c", "secret": {"secretName": "x"}}]}}));
         let u = unsupported(&p);
-        assert_eq!(u.len(), 2, "{u:?}");
+        assert_eq!(u.len(), 1, "{u:?}");
         assert!(u[0].contains("\"s\""));
-        assert!(u[1].contains("grpc probes"));
+    }
+
+    #[test]
+    fn stdin_and_tty_go_into_the_container_config() {
+        let facts = RuntimeFacts::default();
+        let inputs = ContainerInputs {
+            restart_count: 0,
+            image_ref: "img".into(),
+            memory_capacity: 1 << 30,
+            pods_dir: Path::new("/nonexistent/dh-pods"),
+            facts: &facts,
+        };
+        let p = pod(
+            serde_json::json!({"metadata": {"uid": "u"}, "spec": {"containers": [
+            {"name": "i", "stdin": true, "stdinOnce": true, "tty": true},
+            {"name": "s", "stdin": true},
+            {"name": "plain"}]}}),
+        );
+        let flags = |i: usize| {
+            let c = container_config(&p, &spec(&p).containers[i], &inputs).expect("config");
+            (c.stdin, c.stdin_once, c.tty)
+        };
+        assert_eq!(flags(0), (true, true, true));
+        assert_eq!(flags(1), (true, false, false));
+        assert_eq!(flags(2), (false, false, false));
+    }
+
+    #[test]
+    fn sidecars_are_admitted() {
+        let p = pod(serde_json::json!({"spec": {
+            "initContainers": [{"name": "s", "restartPolicy": "Always"},
+                {"name": "n", "restartPolicy": "Never"}],
+            "containers": [{"name": "c", "restartPolicy": "Always"}]}}));
+        let u = unsupported(&p);
+        assert_eq!(u.len(), 2, "{u:?}");
+        assert!(u[0].contains("\"n\"") && u[0].contains("restartPolicy"));
+        assert!(u[1].contains("\"c\"") && u[1].contains("restartPolicy"));
     }
 
     #[test]
@@ -1013,5 +1090,41 @@ mod tests {
         assert_eq!(pull_policy(&c("r:5000/busybox:latest")), "Always");
         assert_eq!(pull_policy(&c("r:5000/busybox")), "Always");
         assert_eq!(pull_policy(&c("r:5000/busybox:1.0")), "IfNotPresent");
+    }
+
+    #[test]
+    fn fs_group_comes_first_in_the_supplemental_groups() {
+        let p = pod(serde_json::json!({"metadata": {"uid": "u"}, "spec": {
+            "securityContext": {"fsGroup": 2345, "supplementalGroups": [7, 8]},
+            "containers": [{"name": "c"}]}}));
+        assert_eq!(supplemental_groups(&p), vec![2345, 7, 8]);
+        let sandbox = sandbox_config(
+            &p,
+            0,
+            Path::new("/var/log/pods"),
+            DnsConfig::default(),
+            cgroup_parent(&p, "/", true),
+        );
+        let groups = sandbox
+            .linux
+            .and_then(|l| l.security_context)
+            .map(|s| s.supplemental_groups);
+        assert_eq!(groups, Some(vec![2345, 7, 8]));
+        let facts = RuntimeFacts::default();
+        let inputs = ContainerInputs {
+            restart_count: 0,
+            image_ref: "img".into(),
+            memory_capacity: 1 << 30,
+            pods_dir: Path::new("/nonexistent/dh-pods"),
+            facts: &facts,
+        };
+        let c = container_config(&p, &spec(&p).containers[0], &inputs).expect("config");
+        let groups = c
+            .linux
+            .and_then(|l| l.security_context)
+            .map(|s| s.supplemental_groups);
+        assert_eq!(groups, Some(vec![2345, 7, 8]));
+        let none = pod(serde_json::json!({"spec": {"containers": [{"name": "c"}]}}));
+        assert!(supplemental_groups(&none).is_empty());
     }
 }

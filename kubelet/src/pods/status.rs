@@ -5,6 +5,12 @@
 //! `ErrImagePull`); [`pod_status`] gives phase, conditions, IPs, QoS class and the container
 //! statuses. Condition transition times are kept from the previous status when a condition
 //! did not change, so a status computed again after a kubelet restart is equal.
+//!
+//! Sidecars (init containers with `restartPolicy: Always`, KEP-753) are reported among the
+//! init container statuses as running, `started` and `ready` per their probes; they count as
+//! initialized once started, their readiness counts for `ContainersReady`/`Ready`, and they do
+//! not decide the phase (a sidecar that exited, e.g. killed once the regular containers
+//! completed, is not counted), as upstream's `getPhase`.
 
 use std::collections::HashMap;
 
@@ -60,6 +66,11 @@ impl Instance {
     pub fn running(&self) -> bool {
         self.state() == CriState::ContainerRunning
     }
+}
+
+/// Whether `c` (an init container) is a sidecar: a restartable init container.
+pub fn is_sidecar(c: &Container) -> bool {
+    c.restart_policy.as_deref() == Some("Always")
 }
 
 /// A reason the kubelet itself gives for a container that does not run.
@@ -250,54 +261,79 @@ fn is_succeeded(s: &ContainerStatus) -> bool {
         .is_some_and(|t| t.exit_code == 0)
 }
 
-fn is_failed(s: &ContainerStatus) -> bool {
-    s.state
-        .as_ref()
-        .and_then(|s| s.terminated.as_ref())
-        .is_some_and(|t| t.exit_code != 0)
+fn is_running(s: &ContainerStatus) -> bool {
+    s.state.as_ref().is_some_and(|s| s.running.is_some())
 }
 
-/// The phase, as upstream's `getPhase` (without sidecars).
+fn last_terminated(s: &ContainerStatus) -> Option<&ContainerStateTerminated> {
+    s.last_state.as_ref().and_then(|l| l.terminated.as_ref())
+}
+
+/// Whether a regular container has run (upstream's `HasAnyRegularContainerStarted`): the pod
+/// was initialized once, also when a sidecar restarts now.
+fn any_regular_started(main: &[ContainerStatus]) -> bool {
+    main.iter().any(|s| {
+        s.state
+            .as_ref()
+            .is_some_and(|st| st.running.is_some() || st.terminated.is_some())
+    })
+}
+
+/// The phase, as upstream's `getPhase`: `init` are the statuses of the init containers in
+/// spec order (regular ones and sidecars), `main` those of the containers.
 pub fn phase(pod: &Pod, init: &[ContainerStatus], main: &[ContainerStatus]) -> &'static str {
-    let restart = spec::spec(pod)
-        .restart_policy
-        .as_deref()
-        .unwrap_or("Always");
-    let mut pending_init = 0;
-    for s in init {
-        if is_succeeded(s) {
+    let s = spec::spec(pod);
+    let restart = s.restart_policy.as_deref().unwrap_or("Always");
+    let (mut pending_init, mut pending_sidecars, mut failed_init) = (0, 0, 0);
+    let (mut running, mut waiting, mut stopped, mut succeeded) = (0, 0, 0, 0);
+    for (c, st) in s.init_containers.iter().flatten().zip(init) {
+        let state = st.state.as_ref();
+        if is_sidecar(c) {
+            // An exited sidecar (or one waiting to restart) does not count.
+            if state.is_some_and(|s| s.running.is_some()) {
+                if st.started != Some(true) {
+                    pending_sidecars += 1;
+                }
+                running += 1;
+            } else if state.is_none_or(|s| s.terminated.is_none()) && last_terminated(st).is_none()
+            {
+                pending_sidecars += 1;
+                waiting += 1;
+            }
             continue;
         }
-        let failed_now = is_failed(s)
-            || s.last_state
-                .as_ref()
-                .is_some_and(|l| l.terminated.is_some());
-        if failed_now && restart == "Never" {
-            return "Failed";
+        if let Some(t) = state.and_then(|s| s.terminated.as_ref()) {
+            if t.exit_code != 0 {
+                failed_init += 1;
+            }
+        } else if state.is_some_and(|s| s.waiting.is_some())
+            && let Some(t) = last_terminated(st)
+        {
+            if t.exit_code != 0 {
+                failed_init += 1;
+            }
+        } else {
+            pending_init += 1;
         }
-        pending_init += 1;
     }
-    let (mut running, mut waiting, mut stopped, mut succeeded) = (0, 0, 0, 0);
-    for s in main {
-        let st = s.state.as_ref();
-        if st.is_some_and(|s| s.running.is_some()) {
+    for st in main {
+        if is_running(st) {
             running += 1;
-        } else if let Some(t) = st.and_then(|s| s.terminated.as_ref()) {
+        } else if let Some(t) = st.state.as_ref().and_then(|s| s.terminated.as_ref()) {
             stopped += 1;
             if t.exit_code == 0 {
                 succeeded += 1;
             }
-        } else if s
-            .last_state
-            .as_ref()
-            .is_some_and(|l| l.terminated.is_some())
-        {
+        } else if last_terminated(st).is_some() {
             stopped += 1;
         } else {
             waiting += 1;
         }
     }
-    if pending_init > 0 || waiting > 0 {
+    if failed_init > 0 && restart == "Never" {
+        return "Failed";
+    }
+    if pending_init > 0 || (pending_sidecars > 0 && !any_regular_started(main)) || waiting > 0 {
         return "Pending";
     }
     if running > 0 {
@@ -321,12 +357,11 @@ pub fn phase(pod: &Pod, init: &[ContainerStatus], main: &[ContainerStatus]) -> &
 /// The pod's whole status; `previous` is the status the API server has.
 pub fn pod_status(pod: &Pod, obs: &Observed<'_>, previous: Option<&PodStatus>) -> PodStatus {
     let s = spec::spec(pod);
-    let init: Vec<ContainerStatus> = s
-        .init_containers
+    let init_specs: Vec<&Container> = s.init_containers.iter().flatten().collect();
+    let init: Vec<ContainerStatus> = init_specs
         .iter()
-        .flatten()
         .map(|c| {
-            container_status(
+            let mut st = container_status(
                 c,
                 obs,
                 if obs.sandbox_ready {
@@ -334,10 +369,30 @@ pub fn pod_status(pod: &Pod, obs: &Observed<'_>, previous: Option<&PodStatus>) -
                 } else {
                     "ContainerCreating"
                 },
-            )
+            );
+            if !is_sidecar(c) {
+                // A regular init container is ready once it completed (upstream's prober
+                // manager).
+                st.ready = is_succeeded(&st);
+            }
+            st
         })
         .collect();
-    let init_done = init.iter().all(is_succeeded);
+    // Regular init containers completed and sidecars started (upstream's
+    // `GeneratePodInitializedCondition`).
+    let uninit: Vec<String> = init_specs
+        .iter()
+        .zip(&init)
+        .filter(|(c, st)| {
+            if is_sidecar(c) {
+                st.started != Some(true)
+            } else {
+                !is_succeeded(st)
+            }
+        })
+        .map(|(_, st)| st.name.clone())
+        .collect();
+    let init_done = uninit.is_empty();
     let main: Vec<ContainerStatus> = s
         .containers
         .iter()
@@ -364,9 +419,16 @@ pub fn pod_status(pod: &Pod, obs: &Observed<'_>, previous: Option<&PodStatus>) -
             .map(|s| s.name.clone())
             .collect()
     }
-    let uninit = not(&init, &is_succeeded);
-    let initialized = uninit.is_empty() || phase == "Succeeded";
-    let unready = not(&main, &|s| s.ready);
+    let initialized = init_done || phase == "Succeeded" || any_regular_started(&main);
+    // Sidecars' readiness counts, listed first (upstream's `GenerateContainersReadyCondition`).
+    let sidecars: Vec<ContainerStatus> = init_specs
+        .iter()
+        .zip(&init)
+        .filter(|(c, _)| is_sidecar(c))
+        .map(|(_, st)| st.clone())
+        .collect();
+    let mut unready = not(&sidecars, &|s| s.ready);
+    unready.extend(not(&main, &|s| s.ready));
     let completed = phase == "Succeeded";
     let ready_reason = if completed {
         "PodCompleted"
@@ -620,5 +682,150 @@ mod tests {
             pod_status(&pod("Always"), &obs, None).phase.as_deref(),
             Some("Pending")
         );
+    }
+
+    fn sidecar_pod(restart: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "uid": "u"},
+            "spec": {"restartPolicy": restart, "initContainers": [
+                    {"name": "s", "image": "b", "restartPolicy": "Always"},
+                    {"name": "i", "image": "b"}],
+                "containers": [{"name": "c", "image": "b"}]}
+        }))
+        .expect("pod")
+    }
+
+    fn cond(s: &PodStatus, t: &str) -> (String, Option<String>) {
+        let c = s
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == t)
+            .expect("condition");
+        (c.status.clone(), c.message.clone())
+    }
+
+    #[test]
+    fn sidecars_initialize_once_started_and_count_for_readiness() {
+        let sc = inst("s", CriState::ContainerRunning, 0, 0, "s1");
+        let p = sidecar_pod("Never");
+        // Running, its startup probe not yet passed: not initialized, Pending.
+        let obs = Observed {
+            instances: HashMap::from([("s".into(), vec![&sc])]),
+            sandbox_ready: true,
+            probed: HashMap::from([(
+                "s".into(),
+                Probed {
+                    started: false,
+                    ready: false,
+                },
+            )]),
+            ..Default::default()
+        };
+        let s = pod_status(&p, &obs, None);
+        assert_eq!(s.phase.as_deref(), Some("Pending"));
+        let (st, msg) = cond(&s, "Initialized");
+        assert_eq!(st, "False");
+        assert_eq!(
+            msg.as_deref(),
+            Some("containers with incomplete status: [s i]")
+        );
+        let init = s.init_container_statuses.as_ref().expect("init statuses");
+        assert_eq!(init[0].name, "s");
+        assert_eq!((init[0].started, init[0].ready), (Some(false), false));
+        assert!(init[0].state.as_ref().is_some_and(|s| s.running.is_some()));
+        // Started and ready; the regular init container completed; the main one runs.
+        let i = inst("i", CriState::ContainerExited, 0, 0, "i1");
+        let c = inst("c", CriState::ContainerRunning, 0, 0, "c1");
+        let mut obs = Observed {
+            instances: HashMap::from([
+                ("s".into(), vec![&sc]),
+                ("i".into(), vec![&i]),
+                ("c".into(), vec![&c]),
+            ]),
+            sandbox_ready: true,
+            ..Default::default()
+        };
+        let s = pod_status(&p, &obs, Some(&s));
+        assert_eq!(s.phase.as_deref(), Some("Running"));
+        for t in ["Initialized", "Ready", "ContainersReady"] {
+            assert_eq!(cond(&s, t).0, "True", "{t}");
+        }
+        let init = s.init_container_statuses.as_ref().expect("init statuses");
+        assert_eq!((init[0].started, init[0].ready), (Some(true), true));
+        assert_eq!((init[1].started, init[1].ready), (Some(false), true));
+        // An unready sidecar makes the pod unready.
+        obs.probed = HashMap::from([(
+            "s".into(),
+            Probed {
+                started: true,
+                ready: false,
+            },
+        )]);
+        let s = pod_status(&p, &obs, Some(&s));
+        let (st, msg) = cond(&s, "ContainersReady");
+        assert_eq!(st, "False");
+        assert_eq!(msg.as_deref(), Some("containers with unready status: [s]"));
+        assert_eq!(cond(&s, "Ready").0, "False");
+        assert_eq!(cond(&s, "Initialized").0, "True");
+    }
+
+    #[test]
+    fn sidecars_do_not_decide_the_phase() {
+        let i = inst("i", CriState::ContainerExited, 0, 0, "i1");
+        let done = inst("c", CriState::ContainerExited, 0, 0, "c1");
+        let failed = inst("c", CriState::ContainerExited, 2, 0, "c1");
+        let running = inst("s", CriState::ContainerRunning, 0, 0, "s1");
+        let killed = inst("s", CriState::ContainerExited, 143, 0, "s1");
+        fn obs<'a>(s: &'a Instance, i: &'a Instance, c: &'a Instance) -> Observed<'a> {
+            Observed {
+                instances: HashMap::from([
+                    ("s".into(), vec![s]),
+                    ("i".into(), vec![i]),
+                    ("c".into(), vec![c]),
+                ]),
+                sandbox_ready: true,
+                ..Default::default()
+            }
+        }
+        let p = sidecar_pod("Never");
+        // While the sidecar still runs, the pod runs.
+        let s = pod_status(&p, &obs(&running, &i, &done), None);
+        assert_eq!(s.phase.as_deref(), Some("Running"));
+        // Once it was stopped (143), the main container's exit decides.
+        let s = pod_status(&p, &obs(&killed, &i, &done), None);
+        assert_eq!(s.phase.as_deref(), Some("Succeeded"));
+        assert_eq!(cond(&s, "Initialized").0, "True");
+        let s = pod_status(&p, &obs(&killed, &i, &failed), None);
+        assert_eq!(s.phase.as_deref(), Some("Failed"));
+        // A sidecar in back-off after the pod initialized leaves it Running.
+        let c = inst("c", CriState::ContainerRunning, 0, 0, "c1");
+        let mut o = obs(&killed, &i, &c);
+        o.waiting.insert(
+            "s".into(),
+            Waiting {
+                reason: "CrashLoopBackOff".into(),
+                message: "back-off".into(),
+            },
+        );
+        let s = pod_status(&sidecar_pod("Always"), &o, None);
+        assert_eq!(s.phase.as_deref(), Some("Running"));
+        let init = s.init_container_statuses.as_ref().expect("init statuses");
+        let w = init[0].state.as_ref().and_then(|s| s.waiting.as_ref());
+        assert_eq!(
+            w.and_then(|w| w.reason.as_deref()),
+            Some("CrashLoopBackOff")
+        );
+        assert_eq!(cond(&s, "Initialized").0, "True");
+        // Not yet started at all: Pending, the main container PodInitializing.
+        let o = Observed {
+            sandbox_ready: true,
+            ..Default::default()
+        };
+        let s = pod_status(&p, &o, None);
+        assert_eq!(s.phase.as_deref(), Some("Pending"));
+        let main = &s.container_statuses.as_ref().expect("statuses")[0];
+        let w = main.state.as_ref().and_then(|s| s.waiting.as_ref());
+        assert_eq!(w.and_then(|w| w.reason.as_deref()), Some("PodInitializing"));
     }
 }

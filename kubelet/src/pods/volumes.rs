@@ -175,6 +175,20 @@ fn top(p: &str) -> &str {
 /// Writes `payload` to the volume directory `dir` as upstream's atomic writer; returns
 /// whether anything changed. `dir` must exist and be a directory (not a symlink).
 pub fn write_payload(dir: &Path, payload: &Payload) -> Result<bool, WriteError> {
+    write_payload_owned(dir, payload, None)
+}
+
+/// As [`write_payload`], with the pod's fsGroup applied as upstream's `setPerms` does: after
+/// the new data directory is written and before it becomes visible, the whole volume is
+/// walked by [`set_volume_ownership`] (read-only: `0440` added to files; directories also
+/// setgid and `0110`), and the links made afterwards get the group too. A payload already
+/// on disk counts as unchanged only when its modes are the owned ones and every file has the
+/// group, so ownership holds after every write.
+pub fn write_payload_owned(
+    dir: &Path,
+    payload: &Payload,
+    fs_group: Option<u32>,
+) -> Result<bool, WriteError> {
     for p in payload.keys() {
         validate_path(p)?;
     }
@@ -191,9 +205,30 @@ pub fn write_payload(dir: &Path, payload: &Payload) -> Result<bool, WriteError> 
             return Err(WriteError::InTheWay(link));
         }
     }
+    let ownership = fs_group.map(|gid| Ownership {
+        gid,
+        read_only: true,
+        on_root_mismatch: false,
+    });
     let old = current_data_dir(dir);
     let old_payload = old.as_ref().and_then(|o| read_tree(&dir.join(o)));
-    let unchanged = old_payload.as_ref() == Some(payload);
+    let unchanged = match &ownership {
+        None => old_payload.as_ref() == Some(payload),
+        Some(o) => {
+            let expected: Payload = payload
+                .iter()
+                .map(|(k, f)| {
+                    let mode = o.mode_of(f.mode & 0o7777, false);
+                    (k.clone(), Projection { mode, ..f.clone() })
+                })
+                .collect();
+            old_payload.as_ref() == Some(&expected)
+                && !needs_ownership_change(dir, o)
+                && old
+                    .as_ref()
+                    .is_some_and(|d| tree_has_gid(&dir.join(d), o.gid))
+        }
+    };
     if unchanged && payload.keys().all(|p| user_link_ok(dir, top(p))) {
         return Ok(false);
     }
@@ -211,17 +246,29 @@ pub fn write_payload(dir: &Path, payload: &Payload) -> Result<bool, WriteError> 
             Err(e) => return Err(io(&path)(e)),
         }
     };
-    let written = write_tree(&ts_dir, payload);
+    let mut written = write_tree(&ts_dir, payload);
+    if let (Ok(()), Some(o)) = (&written, &ownership) {
+        // As upstream: the whole volume, as the first write also makes files outside the
+        // timestamped directory.
+        written = set_volume_ownership(dir, o).map(|_| ());
+    }
     if let Err(e) = written {
         let _ = std::fs::remove_dir_all(&ts_dir);
         return Err(e);
     }
+    let lchown = |path: &Path| -> Result<(), WriteError> {
+        match fs_group {
+            Some(gid) => std::os::unix::fs::lchown(path, None, Some(gid)).map_err(io(path)),
+            None => Ok(()),
+        }
+    };
     let tmp = dir.join(DATA_DIR_TMP);
     match std::fs::remove_file(&tmp) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&tmp)(e)),
         _ => {}
     }
     std::os::unix::fs::symlink(&ts_name, &tmp).map_err(io(&tmp))?;
+    lchown(&tmp)?;
     let data = dir.join(DATA_DIR);
     std::fs::rename(&tmp, &data).map_err(io(&data))?;
     // The user-visible names.
@@ -236,6 +283,7 @@ pub fn write_payload(dir: &Path, payload: &Payload) -> Result<bool, WriteError> 
             Err(_) => {}
         }
         std::os::unix::fs::symlink(Path::new(DATA_DIR).join(name), &link).map_err(io(&link))?;
+        lchown(&link)?;
     }
     // Names no longer in the payload, and the old data directory.
     if let Some(old_payload) = &old_payload {
@@ -298,6 +346,243 @@ fn write_tree(base: &Path, payload: &Payload) -> Result<(), WriteError> {
             .map_err(io(&path))?;
     }
     Ok(())
+}
+
+/// What fsGroup adds to every file and directory of a writable volume (upstream's `rwMask`).
+const FS_GROUP_RW: u32 = 0o660;
+/// What fsGroup adds to every file and directory of a read-only volume (`roMask`).
+const FS_GROUP_RO: u32 = 0o440;
+/// What fsGroup adds to directories besides setgid (`execMask`).
+const FS_GROUP_EXEC: u32 = 0o110;
+/// The setgid bit.
+const SETGID: u32 = 0o2000;
+
+/// A pod's fsGroup as it applies to one volume (the arguments of upstream's
+/// `SetVolumeOwnership`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ownership {
+    /// The group every file and directory gets (the owner stays).
+    pub gid: u32,
+    /// The volume is read-only to the pod (configMap, secret, downwardAPI, projected): read
+    /// bits for the group instead of read-write.
+    pub read_only: bool,
+    /// `fsGroupChangePolicy: OnRootMismatch`: no walk when the volume's root already has the
+    /// group, the setgid bit and the group's bits.
+    pub on_root_mismatch: bool,
+}
+
+impl Ownership {
+    fn mask(&self) -> u32 {
+        if self.read_only {
+            FS_GROUP_RO
+        } else {
+            FS_GROUP_RW
+        }
+    }
+
+    /// The permission bits (`0o7777`) `mode` becomes (upstream's `changeFilePermission`).
+    pub fn mode_of(&self, mode: u32, dir: bool) -> u32 {
+        let extra = if dir {
+            self.mask() | FS_GROUP_EXEC | SETGID
+        } else {
+            self.mask()
+        };
+        (mode & 0o7777) | extra
+    }
+}
+
+/// The pod's `securityContext.fsGroup`; an error when it is no group ID.
+pub fn pod_fs_group(pod: &Pod) -> Result<Option<u32>, String> {
+    let Some(g) = spec::spec(pod)
+        .security_context
+        .as_ref()
+        .and_then(|s| s.fs_group)
+    else {
+        return Ok(None);
+    };
+    u32::try_from(g)
+        .ok()
+        .filter(|g| *g != u32::MAX)
+        .map(Some)
+        .ok_or_else(|| format!("securityContext.fsGroup {g} is not a valid group ID"))
+}
+
+/// Whether the pod's `fsGroupChangePolicy` is `OnRootMismatch` (anything else walks always,
+/// as upstream).
+pub fn on_root_mismatch(pod: &Pod) -> bool {
+    spec::spec(pod)
+        .security_context
+        .as_ref()
+        .and_then(|s| s.fs_group_change_policy.as_deref())
+        == Some("OnRootMismatch")
+}
+
+/// Whether the volume root `dir` lacks what [`set_volume_ownership`] gives it (upstream's
+/// `requiresPermissionChange`): the group, a directory with the setgid bit and the group's
+/// bits.
+pub fn needs_ownership_change(dir: &Path, o: &Ownership) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = dir.symlink_metadata() else {
+        return true;
+    };
+    if m.gid() != o.gid || !m.is_dir() {
+        return true;
+    }
+    let want = o.mask() | FS_GROUP_EXEC;
+    m.mode() & want != want || m.mode() & SETGID == 0
+}
+
+/// Whether the directory `dir` and everything beneath it (no symlink followed) has group
+/// `gid`.
+fn tree_has_gid(dir: &Path, gid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = dir.symlink_metadata() else {
+        return false;
+    };
+    if m.gid() != gid {
+        return false;
+    }
+    if !m.is_dir() {
+        return true;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries
+        .into_iter()
+        .all(|e| e.is_ok_and(|e| tree_has_gid(&e.path(), gid)))
+}
+
+fn errno_io(path: &Path) -> impl Fn(nix::errno::Errno) -> WriteError + '_ {
+    move |e| WriteError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::from(e),
+    }
+}
+
+/// The names in the directory open as `fd` (read through its `/proc/self/fd` link, so the
+/// directory cannot be swapped for another).
+fn dir_names(fd: &OwnedFd, path: &Path) -> Result<Vec<std::ffi::OsString>, WriteError> {
+    let listing = std::fs::read_dir(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(io(path))?;
+    listing
+        .map(|e| e.map(|e| e.file_name()).map_err(io(path)))
+        .collect()
+}
+
+fn is_dir_mode(mode: u32) -> bool {
+    mode & nix::libc::S_IFMT == nix::libc::S_IFDIR
+}
+
+/// A directory being walked: its descriptor, its mode and the names still to visit.
+struct Level {
+    fd: OwnedFd,
+    path: PathBuf,
+    mode: u32,
+    names: std::vec::IntoIter<std::ffi::OsString>,
+}
+
+/// Gives every file and directory beneath the volume directory `dir` (itself included, last)
+/// the group `o.gid` and the group's bits, as upstream's `SetVolumeOwnership`: the owner
+/// stays, files get `0660` (`0440` read-only) added, directories also the setgid bit and
+/// `0110`. Symlinks get the group but no chmod; nothing is followed: each entry is opened
+/// `O_PATH|O_NOFOLLOW` beneath its parent's descriptor and changed through that descriptor,
+/// so the walk never leaves `dir` even while a container renames things in it. A failed chown
+/// or chmod is logged and the walk goes on (as upstream); an entry that disappears is
+/// skipped. With `o.on_root_mismatch` nothing is done when the root is already right.
+/// Returns whether the volume was walked.
+pub fn set_volume_ownership(dir: &Path, o: &Ownership) -> Result<bool, WriteError> {
+    use nix::fcntl::{AtFlags, OFlag};
+    use nix::sys::stat::Mode;
+    use nix::unistd::Gid;
+    if o.on_root_mismatch && !needs_ownership_change(dir, o) {
+        tracing::debug!(dir = %dir.display(), "volume ownership already set, skipping (OnRootMismatch)");
+        return Ok(false);
+    }
+    let gid = Some(Gid::from_raw(o.gid));
+    let root = nix::fcntl::open(
+        dir,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(errno_io(dir))?;
+    let st = nix::sys::stat::fstat(&root).map_err(errno_io(dir))?;
+    let names = dir_names(&root, dir)?;
+    let mut stack = vec![Level {
+        fd: root,
+        path: dir.to_path_buf(),
+        mode: st.st_mode,
+        names: names.into_iter(),
+    }];
+    while let Some(level) = stack.last_mut() {
+        let Some(name) = level.names.next() else {
+            // Every child done: the directory itself.
+            let Some(done) = stack.pop() else { break };
+            if let Err(e) = nix::unistd::fchown(&done.fd, None, gid) {
+                tracing::warn!(path = %done.path.display(), "fsGroup: chown failed: {e}");
+            }
+            let mode = Mode::from_bits_truncate(o.mode_of(done.mode, true) as nix::libc::mode_t);
+            if let Err(e) = nix::sys::stat::fchmod(&done.fd, mode) {
+                tracing::warn!(path = %done.path.display(), "fsGroup: chmod failed: {e}");
+            }
+            continue;
+        };
+        let path = level.path.join(&name);
+        let fd = match nix::fcntl::openat(
+            &level.fd,
+            name.as_os_str(),
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(nix::errno::Errno::ENOENT) => continue,
+            Err(e) => return Err(errno_io(&path)(e)),
+        };
+        let st = nix::sys::stat::fstat(&fd).map_err(errno_io(&path))?;
+        if is_dir_mode(st.st_mode) {
+            // The same directory, opened for reading through the O_PATH descriptor.
+            let d = nix::fcntl::openat(
+                &fd,
+                ".",
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(errno_io(&path))?;
+            let names = dir_names(&d, &path)?;
+            stack.push(Level {
+                fd: d,
+                path,
+                mode: st.st_mode,
+                names: names.into_iter(),
+            });
+            continue;
+        }
+        // The entry itself (a symlink included): AT_EMPTY_PATH on its O_PATH descriptor.
+        if let Err(e) = nix::unistd::fchownat(&fd, "", None, gid, AtFlags::AT_EMPTY_PATH) {
+            tracing::warn!(path = %path.display(), "fsGroup: chown failed: {e}");
+        }
+        if st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFLNK {
+            continue;
+        }
+        // chmod through the descriptor's /proc link reaches this very inode (no open).
+        let mode = o.mode_of(st.st_mode, false);
+        if let Err(e) = std::fs::set_permissions(
+            format!("/proc/self/fd/{}", fd.as_raw_fd()),
+            std::fs::Permissions::from_mode(mode),
+        ) {
+            tracing::warn!(path = %path.display(), "fsGroup: chmod failed: {e}");
+        }
+    }
+    Ok(true)
+}
+
+/// Where upstream's emptyDir plugin records that a volume is set up:
+/// `<pod dir>/plugins/kubernetes.io~empty-dir/<name>/ready`.
+fn empty_dir_ready(pods_dir: &Path, pod: &Pod, name: &str) -> PathBuf {
+    spec::pod_dir(pods_dir, pod)
+        .join("plugins")
+        .join("kubernetes.io~empty-dir")
+        .join(name)
+        .join("ready")
 }
 
 /// The payload of a key→bytes map with `items` (key → path and mode) or all keys, as
@@ -618,10 +903,11 @@ fn unescape_mountinfo(s: &str) -> std::ffi::OsString {
     OsStr::from_bytes(&out).to_os_string()
 }
 
-/// Mounts a tmpfs of `size` bytes on `dir` unless something is mounted there already.
-fn ensure_tmpfs(dir: &Path, size: u64) -> Result<(), String> {
+/// Mounts a tmpfs of `size` bytes on `dir` unless something is mounted there already;
+/// returns whether it mounted one.
+fn ensure_tmpfs(dir: &Path, size: u64) -> Result<bool, String> {
     if is_mount_point(dir) {
-        return Ok(());
+        return Ok(false);
     }
     let opts = format!("size={size}");
     nix::mount::mount(
@@ -635,7 +921,48 @@ fn ensure_tmpfs(dir: &Path, size: u64) -> Result<(), String> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))
         .map_err(|e| format!("{}: {e}", dir.display()))?;
     tracing::info!(dir = %dir.display(), size, "mounted a tmpfs for an emptyDir");
-    Ok(())
+    Ok(true)
+}
+
+/// Sets up an emptyDir as upstream's plugin: once (until its ready file exists, or when its
+/// tmpfs had to be mounted again) the directory gets mode 0777 whatever the umask, and with an
+/// fsGroup the ownership of [`set_volume_ownership`] (read-write, the pod's
+/// `fsGroupChangePolicy`); a failed ownership change is logged, as upstream.
+fn setup_empty_dir(
+    ctx: &Context,
+    pod: &Pod,
+    v: &Volume,
+    dir: &Path,
+    existed: bool,
+    mounted: bool,
+    fs_group: Option<u32>,
+) -> Result<(), String> {
+    let ready = empty_dir_ready(&ctx.pods_dir, pod, &v.name);
+    if existed && !mounted && ready.symlink_metadata().is_ok() {
+        return Ok(());
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    if let Some(gid) = fs_group {
+        let o = Ownership {
+            gid,
+            read_only: false,
+            on_root_mismatch: on_root_mismatch(pod),
+        };
+        match set_volume_ownership(dir, &o) {
+            Ok(true) => {
+                tracing::info!(pod = %spec::full_name(pod), volume = %v.name, gid, "volume ownership set")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(pod = %spec::full_name(pod), volume = %v.name, "setting the volume's ownership: {e}")
+            }
+        }
+    }
+    if let Some(parent) = ready.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    }
+    std::fs::write(&ready, b"").map_err(|e| format!("{}: {e}", ready.display()))
 }
 
 /// Sets up every volume of the pod that the kubelet writes or mounts (emptyDir Memory,
@@ -667,6 +994,13 @@ async fn setup_all(ctx: &Context, pod: &Pod) -> Result<Option<Duration>, String>
     } else {
         Resolved::default()
     };
+    // hostPath volumes are never changed (as upstream), so an fsGroup is only checked when
+    // another volume would get it.
+    let fs_group = if volumes.iter().any(|v| v.host_path.is_none()) {
+        pod_fs_group(pod)?
+    } else {
+        None
+    };
     let mut next: Option<Duration> = None;
     let mut sooner = |d: Duration| {
         next = Some(next.map_or(d, |n| n.min(d)));
@@ -678,10 +1012,12 @@ async fn setup_all(ctx: &Context, pod: &Pod) -> Result<Option<Duration>, String>
         if v.host_path.is_some() {
             continue;
         }
+        let existed = dir.symlink_metadata().is_ok_and(|m| m.is_dir());
         std::fs::create_dir_all(&dir)
             .map_err(|e| format!("volume {:?}: {}: {e}", v.name, dir.display()))?;
         let named = |e: String| format!("volume {:?}: {e}", v.name);
         if let Some(e) = &v.empty_dir {
+            let mut mounted = false;
             if e.medium.as_deref() == Some("Memory") {
                 let size = match &e.size_limit {
                     Some(q) => quantity::parse_quantity(q)
@@ -689,9 +1025,10 @@ async fn setup_all(ctx: &Context, pod: &Pod) -> Result<Option<Duration>, String>
                         .units(),
                     None => env::node_allocatable(ctx).await.memory.units(),
                 };
-                ensure_tmpfs(&dir, u64::try_from(size.max(0)).unwrap_or(u64::MAX))
+                mounted = ensure_tmpfs(&dir, u64::try_from(size.max(0)).unwrap_or(u64::MAX))
                     .map_err(named)?;
             }
+            setup_empty_dir(ctx, pod, v, &dir, existed, mounted, fs_group).map_err(named)?;
             continue;
         }
         let payload = if let Some(c) = &v.config_map {
@@ -752,6 +1089,9 @@ async fn setup_all(ctx: &Context, pod: &Pod) -> Result<Option<Duration>, String>
                         .await
                         .map_err(named)?;
                     sooner(Duration::from_secs(u64::try_from(left.max(1)).unwrap_or(1)));
+                    // As upstream: with an fsGroup the token is 0600, which the ownership
+                    // walk makes 0640.
+                    let mode = if fs_group.is_some() { 0o600 } else { mode };
                     Ok(Payload::from([(
                         t.path.clone(),
                         Projection { data: token, mode },
@@ -765,7 +1105,7 @@ async fn setup_all(ctx: &Context, pod: &Pod) -> Result<Option<Duration>, String>
         } else {
             continue;
         };
-        if write_payload(&dir, &payload).map_err(|e| named(e.to_string()))? {
+        if write_payload_owned(&dir, &payload, fs_group).map_err(|e| named(e.to_string()))? {
             tracing::info!(pod = %spec::full_name(pod), volume = %v.name, files = payload.len(), "volume written");
         }
         if v.config_map.is_some() || v.secret.is_some() || v.projected.is_some() {

@@ -16,6 +16,15 @@
 //! container whose liveness or startup probe failed. postStart runs right after
 //! StartContainer and preStop before every StopContainer of a running container
 //! ([`super::hooks`]). The steps are recorded as Events ([`crate::events`]), fire and forget.
+//!
+//! Sidecars (init containers with `restartPolicy: Always`, KEP-753) start in their place
+//! among the init containers; the next one starts once the sidecar has started (postStart
+//! done, startup probe succeeded if it has one). They are restarted whenever they exit,
+//! whatever the pod's restartPolicy, with the same back-off, and probed as the containers are.
+//! Once the regular containers have all finished for good, the sidecars are stopped and the
+//! pod completes. Stopping a pod stops the regular containers first; each sidecar gets SIGTERM
+//! once the regular containers and the sidecars declared after it are gone (reverse order),
+//! all within the one grace period; preStop hooks all run at once, as upstream.
 
 use std::collections::HashMap;
 use std::os::unix::fs::OpenOptionsExt;
@@ -84,6 +93,8 @@ pub struct Context {
     pub services: Option<super::services::ServiceCache>,
     /// The node's configuration and machine, for admission (labels, allocatable).
     pub node: LocalNode,
+    /// The node allocatable, QoS and pod cgroups.
+    pub cgroups: Arc<crate::cgroups::PodCgroups>,
 }
 
 /// What the node is made of: its allocatable and labels are computed from these as the node
@@ -126,6 +137,9 @@ pub enum PodError {
     /// A volume could not be set up.
     #[error("setting up volumes: {0}")]
     Volume(String),
+    /// The pod's cgroup could not be made.
+    #[error("pod cgroup: {0}")]
+    Cgroup(#[from] crate::cgroups::CgroupError),
 }
 
 #[derive(Debug, Clone)]
@@ -292,7 +306,8 @@ impl PodWorker {
     }
 
     fn sandbox_config(&self, pod: &Pod, attempt: u32) -> cri::PodSandboxConfig {
-        let mut c = spec::sandbox_config(pod, attempt, &self.ctx.logs_root, self.dns(pod));
+        let parent = self.ctx.cgroups.pod_cgroup(pod);
+        let mut c = spec::sandbox_config(pod, attempt, &self.ctx.logs_root, self.dns(pod), parent);
         c.labels
             .insert(NODE_LABEL.into(), self.ctx.node_name.clone());
         c
@@ -308,16 +323,74 @@ impl PodWorker {
         remove: bool,
     ) -> Result<(), PodError> {
         let rt = &self.ctx.runtime;
-        let running: Vec<&Instance> = obs
+        let live: Vec<&Instance> = obs
             .instances
             .iter()
             .filter(|i| i.running() || i.state() == cri::ContainerState::ContainerCreated)
             .collect();
-        let stops = running.iter().map(|i| async move {
-            tracing::info!(pod_uid = %self.uid, container = i.name(), grace, "stopping container");
-            let message = format!("Stopping container {}", i.name());
-            self.stop_one(pod, i.name(), &i.status.id, grace, &message, i.running())
-                .await
+        self.stop_ordered(pod, &live, grace).await?;
+        for sb in &obs.sandboxes {
+            rt.stop_pod_sandbox(&sb.id).await?;
+            if remove {
+                rt.remove_pod_sandbox(&sb.id).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops the `live` instances (running or created) as upstream's
+    /// `killContainersWithSyncResult` with sidecars: each gets its Killing event and preStop
+    /// hook at once; the regular containers are then stopped, and each sidecar only once the
+    /// regular containers and the sidecars declared after it have stopped (so in reverse
+    /// order), with what is left of `grace` (at least [`hooks::MIN_GRACE_SECONDS`]).
+    async fn stop_ordered(
+        &self,
+        pod: &Pod,
+        live: &[&Instance],
+        grace: i64,
+    ) -> Result<(), PodError> {
+        let sidecars: Vec<&str> = spec::spec(pod)
+            .init_containers
+            .iter()
+            .flatten()
+            .filter(|c| status::is_sidecar(c))
+            .map(|c| c.name.as_str())
+            .collect();
+        let rank = |name: &str| sidecars.iter().position(|n| *n == name);
+        // The instances still to stop, with their sidecar rank (none: a regular container).
+        let (left_tx, left_rx) = watch::channel(
+            live.iter()
+                .map(|i| (i.status.id.clone(), rank(i.name())))
+                .collect::<Vec<_>>(),
+        );
+        let stops = live.iter().map(|i| {
+            let (left_tx, mut left_rx) = (&left_tx, left_rx.clone());
+            async move {
+                let (name, id) = (i.name(), i.status.id.as_str());
+                tracing::info!(pod_uid = %self.uid, container = name, grace, "stopping container");
+                let since = Instant::now();
+                let message = format!("Stopping container {name}");
+                let mut g = self
+                    .pre_stop(pod, name, id, grace, &message, i.running())
+                    .await;
+                if let Some(r) = rank(name) {
+                    let turn = left_rx.wait_for(|left| {
+                        left.iter().all(|(_, other)| other.is_some_and(|o| o <= r))
+                    });
+                    let budget = Duration::from_secs(u64::try_from(grace).unwrap_or(0))
+                        .saturating_sub(since.elapsed());
+                    if tokio::time::timeout(budget, turn).await.is_err() {
+                        tracing::info!(pod_uid = %self.uid, container = name, "the grace period ran out before the sidecar's turn");
+                    }
+                    let used = i64::try_from(since.elapsed().as_secs()).unwrap_or(i64::MAX);
+                    g = g
+                        .min(grace.saturating_sub(used))
+                        .max(hooks::MIN_GRACE_SECONDS.min(grace));
+                }
+                let r = self.ctx.runtime.stop_container(id, g).await;
+                left_tx.send_modify(|left| left.retain(|(other, _)| other != id));
+                r
+            }
         });
         for r in futures::future::join_all(stops).await {
             match r {
@@ -325,12 +398,6 @@ impl PodWorker {
                     return Err(e.into());
                 }
                 _ => {}
-            }
-        }
-        for sb in &obs.sandboxes {
-            rt.stop_pod_sandbox(&sb.id).await?;
-            if remove {
-                rt.remove_pod_sandbox(&sb.id).await?;
             }
         }
         Ok(())
@@ -347,6 +414,21 @@ impl PodWorker {
         message: &str,
         running: bool,
     ) -> Result<(), RuntimeError> {
+        let grace = self.pre_stop(pod, name, id, grace, message, running).await;
+        self.ctx.runtime.stop_container(id, grace).await
+    }
+
+    /// The Killing event and the preStop hook (when `running`) within `grace`; gives the
+    /// grace StopContainer gets.
+    async fn pre_stop(
+        &self,
+        pod: &Pod,
+        name: &str,
+        id: &str,
+        grace: i64,
+        message: &str,
+        running: bool,
+    ) -> i64 {
         self.ctx
             .events
             .event(pod, Some(name), EventType::Normal, "Killing", message);
@@ -356,7 +438,7 @@ impl PodWorker {
             .iter()
             .chain(s.init_containers.iter().flatten())
             .find(|c| c.name == name);
-        let grace = match c {
+        match c {
             Some(c) if running && hooks::has(c, Hook::PreStop) => {
                 hooks::pre_stop(
                     &self.ctx.exec,
@@ -370,8 +452,7 @@ impl PodWorker {
                 .await
             }
             _ => grace,
-        };
-        self.ctx.runtime.stop_container(id, grace).await
+        }
     }
 
     fn cleanup_dirs(&self, pod: &Pod) {
@@ -393,7 +474,8 @@ impl PodWorker {
                 tracing::warn!(dir = %d.display(), "removing the pod's directory: {e}");
             }
         }
-        remove_pod_cgroups(&spec::cgroup_parent(pod));
+        // After the sandboxes are gone; on the blocking pool.
+        self.ctx.cgroups.remove_pod(pod);
     }
 
     /// The deleted pod: stop, remove, then delete the API object.
@@ -548,7 +630,8 @@ impl PodWorker {
         }
     }
 
-    /// Creates and starts one container in the current sandbox.
+    /// Creates and starts one container in the current sandbox; gives its ID when it was
+    /// started and its postStart hook (if any) succeeded.
     async fn start(
         &mut self,
         pod: &Pod,
@@ -556,12 +639,12 @@ impl PodWorker {
         obs: &Runtime,
         sandbox_config: &cri::PodSandboxConfig,
         facts: &RuntimeFacts,
-    ) -> Result<(), PodError> {
+    ) -> Result<Option<String>, PodError> {
         let Some(sb) = obs.current() else {
-            return Ok(());
+            return Ok(None);
         };
         let Some(image_ref) = self.ensure_image(pod, c, sandbox_config).await? else {
-            return Ok(());
+            return Ok(None);
         };
         let restart_count = obs.next_restart_count(&c.name);
         let inputs = ContainerInputs {
@@ -581,7 +664,7 @@ impl PodWorker {
                         message,
                     },
                 );
-                return Ok(());
+                return Ok(None);
             }
         };
         config
@@ -594,7 +677,7 @@ impl PodWorker {
         let created = format!("Created container {}", c.name);
         let events = &self.ctx.events;
         events.event(pod, Some(&c.name), EventType::Normal, "Created", created);
-        self.start_created(pod, c, &id, facts).await?;
+        let hooked = self.start_created(pod, c, &id, facts).await?;
         self.waiting.remove(&c.name);
         tracing::info!(pod = %spec::full_name(pod), container = %c.name, restart_count, container_id = %id, "started container");
         // Keep the newest dead instance (lastState); remove older ones.
@@ -603,18 +686,19 @@ impl PodWorker {
                 tracing::debug!("removing an old container: {e}");
             }
         }
-        Ok(())
+        Ok(hooked.then_some(id))
     }
 
     /// Starts the created container `id` of `c`, then runs its postStart hook; a failed
-    /// hook kills the container (it restarts per restartPolicy), as upstream.
+    /// hook kills the container (it restarts per restartPolicy), as upstream. Gives whether
+    /// the hook (if any) succeeded.
     async fn start_created(
         &self,
         pod: &Pod,
         c: &Container,
         id: &str,
         facts: &RuntimeFacts,
-    ) -> Result<(), PodError> {
+    ) -> Result<bool, PodError> {
         self.ctx.runtime.start_container(id).await?;
         let events = &self.ctx.events;
         let started = format!("Started container {}", c.name);
@@ -626,9 +710,10 @@ impl PodWorker {
                 let grace = spec::grace_period(pod);
                 self.stop_one(pod, &c.name, id, grace, "FailedPostStartHook", true)
                     .await?;
+                return Ok(false);
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Restarts `c` unless it is in back-off; returns the time left when it is.
@@ -691,11 +776,74 @@ impl PodWorker {
         Ok(None)
     }
 
+    /// Acts on the running instance of `c`: kills it when its liveness or startup probe
+    /// failed (it restarts once the runtime shows it exited) and replaces it when its spec
+    /// changed. Gives whether it did either.
+    async fn check_running(
+        &mut self,
+        pod: &Pod,
+        c: &Container,
+        running: &Instance,
+        obs: &Runtime,
+        sandbox_config: &cri::PodSandboxConfig,
+        facts: &RuntimeFacts,
+    ) -> Result<bool, PodError> {
+        let id = running.status.id.clone();
+        if let Some(state) = self.probes.state(&id)
+            && let Some(message) = state.kill
+        {
+            let grace = state.kill_grace.unwrap_or_else(|| spec::grace_period(pod));
+            tracing::info!(pod = %spec::full_name(pod), container = %c.name, "{message}");
+            self.stop_one(pod, &c.name, &id, grace, &message, true)
+                .await?;
+            return Ok(true);
+        }
+        // The spec changed (the image, the only mutable field): replace it.
+        let hash = running.status.annotations.get(spec::CONTAINER_HASH);
+        if hash.is_some_and(|h| *h != spec::container_hash(c)) {
+            tracing::info!(pod = %spec::full_name(pod), container = %c.name, "container spec changed: restarting it");
+            let message = format!("Container {} definition changed, will be restarted", c.name);
+            let grace = spec::grace_period(pod);
+            self.stop_one(pod, &c.name, &id, grace, &message, true)
+                .await?;
+            self.start(pod, c, obs, sandbox_config, facts).await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Stops the pod's running sidecars (in reverse order, with the grace period) once the
+    /// pod is done, as upstream kills a pod whose regular containers all finished; they are
+    /// not restarted after.
+    async fn stop_sidecars(&mut self, pod: &Pod, obs: &Runtime) -> Result<(), PodError> {
+        let sidecars: Vec<&Container> = spec::spec(pod)
+            .init_containers
+            .iter()
+            .flatten()
+            .filter(|c| status::is_sidecar(c))
+            .collect();
+        for c in &sidecars {
+            self.waiting.remove(&c.name);
+        }
+        let live: Vec<&Instance> = sidecars
+            .iter()
+            .filter_map(|c| obs.of(&c.name).first().copied())
+            .filter(|i| i.running() || i.state() == cri::ContainerState::ContainerCreated)
+            .collect();
+        if live.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(pod = %spec::full_name(pod), sidecars = live.len(), "the pod is done: stopping its sidecars");
+        self.stop_ordered(pod, &live, spec::grace_period(pod)).await
+    }
+
     /// One sync of a pod that should run.
     async fn sync(&mut self, pod: &Pod, obs: &mut Runtime) -> Result<Next, PodError> {
         let s = spec::spec(pod);
         let restart_policy = s.restart_policy.clone().unwrap_or_else(|| "Always".into());
         let ran_before = !obs.instances.is_empty();
+        // The pod cgroup before the sandbox (in memory only when it was made already).
+        self.ctx.cgroups.ensure_pod(pod).await?;
         if !obs.ready() {
             if ran_before && restart_policy == "Never" {
                 // Upstream does not recreate the sandbox of a pod that ran with Never.
@@ -729,6 +877,11 @@ impl PodWorker {
         let Some(sb) = obs.current() else {
             return Ok(Next::Events);
         };
+        if regular_containers_done(pod, obs, &restart_policy) {
+            // None restarts: the pod is done, sidecars don't keep it running.
+            self.stop_sidecars(pod, obs).await?;
+            return Ok(Next::Events);
+        }
         let attempt = sb.metadata.as_ref().map_or(0, |m| m.attempt);
         let sandbox_config = self.sandbox_config(pod, attempt);
         let sandbox_status = self.ctx.runtime.pod_sandbox_status(&sb.id).await?;
@@ -748,7 +901,113 @@ impl PodWorker {
         let volumes_due = super::volumes::setup(&self.ctx, pod)
             .await
             .map_err(PodError::Volume)?;
-        for c in s.init_containers.iter().flatten() {
+        let mut next = Next::Events;
+        let soonest = |next: Next, left: Duration| match next {
+            Next::After(d) if d < left => Next::After(d),
+            _ => Next::After(left),
+        };
+        let init: Vec<&Container> = s.init_containers.iter().flatten().collect();
+        // Init containers before the furthest one the runtime has were initialized once (upstream
+        // looks backwards for it, as completed ones may be gone); once a regular container
+        // runs, all were. Of those, only sidecars are kept running.
+        let initialized = s
+            .containers
+            .iter()
+            .any(|c| obs.of(&c.name).first().is_some_and(|i| !i.exited()));
+        let furthest = if initialized {
+            init.len()
+        } else {
+            init.iter()
+                .rposition(|c| !obs.of(&c.name).is_empty())
+                .unwrap_or(0)
+        };
+        for (index, c) in init.iter().copied().enumerate() {
+            let before = index < furthest;
+            let latest = obs.of(&c.name).first().copied();
+            if !status::is_sidecar(c) {
+                if before {
+                    continue;
+                }
+                match latest.map(|i| (i.state(), i.status.exit_code)) {
+                    None => {
+                        self.start(pod, c, obs, &sandbox_config, &facts).await?;
+                        return Ok(next);
+                    }
+                    Some((cri::ContainerState::ContainerExited, 0)) => continue,
+                    Some((cri::ContainerState::ContainerExited, _)) => {
+                        if restart_policy == "Never" {
+                            // The pod failed: its sidecars are stopped too.
+                            self.stop_sidecars(pod, obs).await?;
+                            return Ok(Next::Events);
+                        }
+                        return Ok(
+                            match self.restart(pod, c, obs, &sandbox_config, &facts).await? {
+                                Some(left) => soonest(next, left),
+                                None => next,
+                            },
+                        );
+                    }
+                    Some((cri::ContainerState::ContainerCreated, _)) => {
+                        let id = obs.of(&c.name)[0].status.id.clone();
+                        self.start_created(pod, c, &id, &facts).await?;
+                        return Ok(next);
+                    }
+                    Some(_) => return Ok(next),
+                }
+            }
+            // A sidecar: restarted whenever it exited, whatever the pod's restartPolicy; the
+            // next init container starts once it has started (startup probe, postStart).
+            match latest {
+                None => {
+                    let id = self.start(pod, c, obs, &sandbox_config, &facts).await?;
+                    if before || (id.is_some() && c.startup_probe.is_none()) {
+                        continue;
+                    }
+                    return Ok(next);
+                }
+                Some(i) if i.exited() => {
+                    if let Some(left) = self.restart(pod, c, obs, &sandbox_config, &facts).await? {
+                        next = soonest(next, left);
+                    }
+                    if before {
+                        continue;
+                    }
+                    return Ok(next);
+                }
+                Some(i) if i.state() == cri::ContainerState::ContainerCreated => {
+                    let id = i.status.id.clone();
+                    let hooked = self.start_created(pod, c, &id, &facts).await?;
+                    if before || (hooked && c.startup_probe.is_none()) {
+                        continue;
+                    }
+                    return Ok(next);
+                }
+                Some(i) if i.running() => {
+                    let i = i.clone();
+                    if self
+                        .check_running(pod, c, &i, obs, &sandbox_config, &facts)
+                        .await?
+                    {
+                        if before {
+                            continue;
+                        }
+                        return Ok(next);
+                    }
+                    // Without probe state yet, a startup probe has not succeeded.
+                    let started = match self.probes.state(&i.status.id) {
+                        Some(p) => p.started,
+                        None => c.startup_probe.is_none(),
+                    };
+                    if before || started {
+                        continue;
+                    }
+                    return Ok(next);
+                }
+                Some(_) if before => continue,
+                Some(_) => return Ok(next),
+            }
+        }
+        for c in &s.containers {
             let latest = obs
                 .of(&c.name)
                 .first()
@@ -756,36 +1015,7 @@ impl PodWorker {
             match latest {
                 None => {
                     self.start(pod, c, obs, &sandbox_config, &facts).await?;
-                    return Ok(Next::Events);
                 }
-                Some((cri::ContainerState::ContainerExited, 0)) => continue,
-                Some((cri::ContainerState::ContainerExited, _)) => {
-                    if restart_policy == "Never" {
-                        return Ok(Next::Events);
-                    }
-                    return Ok(
-                        match self.restart(pod, c, obs, &sandbox_config, &facts).await? {
-                            Some(left) => Next::After(left),
-                            None => Next::Events,
-                        },
-                    );
-                }
-                Some((cri::ContainerState::ContainerCreated, _)) => {
-                    let id = obs.of(&c.name)[0].status.id.clone();
-                    self.start_created(pod, c, &id, &facts).await?;
-                    return Ok(Next::Events);
-                }
-                Some(_) => return Ok(Next::Events),
-            }
-        }
-        let mut next = Next::Events;
-        for c in &s.containers {
-            let latest = obs
-                .of(&c.name)
-                .first()
-                .map(|i| (i.state(), i.status.exit_code));
-            match latest {
-                None => self.start(pod, c, obs, &sandbox_config, &facts).await?,
                 Some((cri::ContainerState::ContainerExited, code)) => {
                     let again = match restart_policy.as_str() {
                         "Always" => true,
@@ -796,10 +1026,7 @@ impl PodWorker {
                         && let Some(left) =
                             self.restart(pod, c, obs, &sandbox_config, &facts).await?
                     {
-                        next = match next {
-                            Next::After(d) if d < left => Next::After(d),
-                            _ => Next::After(left),
-                        };
+                        next = soonest(next, left);
                     }
                 }
                 Some((cri::ContainerState::ContainerCreated, _)) => {
@@ -807,31 +1034,9 @@ impl PodWorker {
                     self.start_created(pod, c, &id, &facts).await?;
                 }
                 Some((cri::ContainerState::ContainerRunning, _)) => {
-                    let running = obs.of(&c.name)[0];
-                    if let Some(state) = self.probes.state(&running.status.id)
-                        && let Some(message) = state.kill
-                    {
-                        // A failed liveness or startup probe: kill it; it restarts per
-                        // restartPolicy once the runtime shows it exited.
-                        let grace = state.kill_grace.unwrap_or_else(|| spec::grace_period(pod));
-                        let id = running.status.id.clone();
-                        tracing::info!(pod = %spec::full_name(pod), container = %c.name, "{message}");
-                        self.stop_one(pod, &c.name, &id, grace, &message, true)
-                            .await?;
-                        continue;
-                    }
-                    // The spec changed (the image, the only mutable field): replace it.
-                    let hash = running.status.annotations.get(spec::CONTAINER_HASH);
-                    if hash.is_some_and(|h| *h != spec::container_hash(c)) {
-                        let id = running.status.id.clone();
-                        tracing::info!(pod = %spec::full_name(pod), container = %c.name, "container spec changed: restarting it");
-                        let message =
-                            format!("Container {} definition changed, will be restarted", c.name);
-                        let grace = spec::grace_period(pod);
-                        self.stop_one(pod, &c.name, &id, grace, &message, true)
-                            .await?;
-                        self.start(pod, c, obs, &sandbox_config, &facts).await?;
-                    }
+                    let running = obs.of(&c.name)[0].clone();
+                    self.check_running(pod, c, &running, obs, &sandbox_config, &facts)
+                        .await?;
                 }
                 Some(_) => {}
             }
@@ -1032,9 +1237,16 @@ impl Reconciler for PodWorker {
         } else {
             pod_ips.first().cloned().unwrap_or_default()
         };
-        let targets: Vec<probes::Target> = spec::spec(&pod)
+        let s = spec::spec(&pod);
+        let sidecars = s
+            .init_containers
+            .iter()
+            .flatten()
+            .filter(|c| status::is_sidecar(c));
+        let targets: Vec<probes::Target> = s
             .containers
             .iter()
+            .chain(sidecars)
             .filter_map(|c| by_name.get(&c.name)?.first().copied())
             .filter(|i| i.running())
             .map(|i| probes::Target {
@@ -1105,30 +1317,17 @@ impl Reconciler for PodWorker {
     }
 }
 
-/// Removes the pod's cgroup (`parent`, below every mounted hierarchy); the runtime removes
-/// the containers' cgroups but not the parent the kubelet named.
-fn remove_pod_cgroups(parent: &str) {
-    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    let rel = parent.trim_start_matches('/');
-    for line in mountinfo.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = fields.iter().position(|f| *f == "-") else {
-            continue;
-        };
-        let fstype = fields.get(sep + 1).copied().unwrap_or_default();
-        if fstype != "cgroup" && fstype != "cgroup2" {
-            continue;
-        }
-        let Some(mount) = fields.get(4) else { continue };
-        let dir = std::path::Path::new(mount).join(rel);
-        if dir.is_dir()
-            && let Err(e) = std::fs::remove_dir(&dir)
-        {
-            tracing::debug!(dir = %dir.display(), "removing the pod cgroup: {e}");
-        }
-    }
+/// Whether every regular container of the pod has exited and none is to restart per the
+/// pod's `restart_policy` (sidecars left aside).
+fn regular_containers_done(pod: &Pod, obs: &Runtime, restart_policy: &str) -> bool {
+    let containers = &spec::spec(pod).containers;
+    restart_policy != "Always"
+        && !containers.is_empty()
+        && containers.iter().all(|c| {
+            obs.of(&c.name).first().is_some_and(|i| {
+                i.exited() && (restart_policy == "Never" || i.status.exit_code == 0)
+            })
+        })
 }
 
 /// The longest termination message read from the file (upstream's 4 KiB).
@@ -1212,4 +1411,55 @@ fn log_tail(path: &Path) -> String {
     let mut out: Vec<u8> = lines.into_iter().flatten().collect();
     out.truncate(TERMINATION_LOG_BYTES);
     String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inst(name: &str, state: cri::ContainerState, exit_code: i32) -> Instance {
+        Instance {
+            sandbox_id: "sb".into(),
+            status: cri::ContainerStatus {
+                id: format!("{name}-id"),
+                metadata: Some(cri::ContainerMetadata {
+                    name: name.into(),
+                    attempt: 0,
+                }),
+                state: state as i32,
+                exit_code,
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn sidecars_do_not_keep_a_finished_pod_running() {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "uid": "u"},
+            "spec": {"initContainers": [{"name": "s", "restartPolicy": "Always"}],
+                "containers": [{"name": "a"}, {"name": "b"}]}
+        }))
+        .expect("pod");
+        let rt = |instances: Vec<Instance>| Runtime {
+            sandboxes: vec![cri::PodSandbox {
+                id: "sb".into(),
+                ..Default::default()
+            }],
+            instances,
+        };
+        use cri::ContainerState::{ContainerExited as Exited, ContainerRunning as Running};
+        let side = || inst("s", Running, 0);
+        let both_ok = rt(vec![side(), inst("a", Exited, 0), inst("b", Exited, 0)]);
+        assert!(regular_containers_done(&pod, &both_ok, "Never"));
+        assert!(regular_containers_done(&pod, &both_ok, "OnFailure"));
+        assert!(!regular_containers_done(&pod, &both_ok, "Always"));
+        let one_failed = rt(vec![side(), inst("a", Exited, 0), inst("b", Exited, 1)]);
+        assert!(regular_containers_done(&pod, &one_failed, "Never"));
+        assert!(!regular_containers_done(&pod, &one_failed, "OnFailure"));
+        let one_runs = rt(vec![side(), inst("a", Exited, 0), inst("b", Running, 0)]);
+        assert!(!regular_containers_done(&pod, &one_runs, "Never"));
+        let not_started = rt(vec![side(), inst("a", Exited, 0)]);
+        assert!(!regular_containers_done(&pod, &not_started, "Never"));
+    }
 }

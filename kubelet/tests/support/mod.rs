@@ -160,6 +160,9 @@ pub struct Bed {
     pub child: Option<Child>,
     pub args: Vec<String>,
     pub passed: bool,
+    /// The kubelet's own `cgroupRoot` (`/dh-cg-<node>`), made before it starts and removed
+    /// with everything beneath it afterwards, so parallel tests never share `kubepods`.
+    pub cgroup_root: String,
 }
 
 impl Bed {
@@ -185,6 +188,7 @@ impl Bed {
         let ns = tb.create_namespace(&client, prefix).await?;
         let node = unique_name(prefix);
         let dir = tempfile::Builder::new().prefix("dh-kubelet-").tempdir()?;
+        let cgroup_root = format!("/dh-cg-{node}");
         let mut bed = Bed {
             node,
             ns,
@@ -193,7 +197,11 @@ impl Bed {
             child: None,
             args: Vec::new(),
             passed: false,
+            cgroup_root,
         };
+        deckhand_cgroups::Manager::new(&bed.cgroup_root)
+            .and_then(|m| m.create())
+            .with_context(|| format!("creating the cgroup root {}", bed.cgroup_root))?;
         let creds = bed.dir.path().join("creds");
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/testbed/controlplane.sh");
         let out = Command::new(&script)
@@ -212,9 +220,10 @@ impl Bed {
         std::fs::write(
             &config,
             format!(
-                "{CONFIG_HEAD}address: 127.0.0.1\nport: {}\npodLogsDir: {}\n{extra_config}",
+                "{CONFIG_HEAD}address: 127.0.0.1\nport: {}\npodLogsDir: {}\ncgroupRoot: {}\n{extra_config}",
                 free_port()?,
-                bed.dir.path().join("logs").display()
+                bed.dir.path().join("logs").display(),
+                bed.cgroup_root,
             ),
         )?;
         let p = |p: PathBuf| p.display().to_string();
@@ -391,6 +400,12 @@ impl Drop for Bed {
             Ok(Err(e)) => eprintln!("cleaning up node {}: {e:#}", self.node),
             Err(_) => eprintln!("cleaning up node {}: panicked", self.node),
             Ok(Ok(())) => {}
+        }
+        // The pods' cgroups and whatever is left in them (this test's only), then the root.
+        if let Err(e) =
+            deckhand_cgroups::Manager::new(&self.cgroup_root).and_then(|m| m.destroy(true))
+        {
+            eprintln!("removing the cgroup root {}: {e}", self.cgroup_root);
         }
     }
 }
