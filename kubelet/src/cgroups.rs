@@ -499,6 +499,80 @@ impl PodCgroups {
         })
     }
 
+    /// Removes the pod cgroups below `kubepods` and the QoS cgroups whose UID is not in
+    /// `active` and which this kubelet has no operation on: pods deleted while it was down
+    /// (upstream's `cleanupOrphanedPodCgroups`). Unlike upstream, a cgroup that still holds
+    /// processes is left alone (logged): its pod may belong to another kubelet sharing the
+    /// `cgroupRoot`, and orphaned sandboxes are removed through the runtime first anyway.
+    /// Blocking work, on the blocking pool.
+    pub fn remove_orphans(
+        self: &Arc<Self>,
+        active: std::collections::HashSet<String>,
+    ) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            if me.layout.is_none() {
+                return;
+            }
+            let (burstable, besteffort) = me.settings.qos();
+            let mut found = std::collections::BTreeMap::new();
+            for parent in [me.settings.node_allocatable(), burstable, besteffort] {
+                let Ok(Some(m)) = me.manager(&parent) else {
+                    continue;
+                };
+                let dirs = m
+                    .unified_dir()
+                    .into_iter()
+                    .chain(m.v1_dirs().map(|(_, d)| d));
+                for dir in dirs {
+                    let Ok(entries) = std::fs::read_dir(dir) else {
+                        continue;
+                    };
+                    for e in entries.flatten() {
+                        let name = e.file_name();
+                        let Some(uid) = name.to_str().and_then(|n| n.strip_prefix("pod")) else {
+                            continue;
+                        };
+                        if e.file_type().is_ok_and(|t| t.is_dir()) {
+                            found.insert(uid.to_string(), join(&parent, &format!("pod{uid}")));
+                        }
+                    }
+                }
+            }
+            let _io = lock(&me.io);
+            let mut removed = false;
+            for (uid, name) in found {
+                if active.contains(&uid) {
+                    continue;
+                }
+                {
+                    let st = lock(&me.state);
+                    if st.pending.contains_key(&uid) || st.pods.contains_key(&uid) {
+                        continue;
+                    }
+                }
+                let Ok(Some(m)) = me.manager(&name) else {
+                    continue;
+                };
+                match m.destroy(false) {
+                    Ok(()) => {
+                        tracing::info!(pod_uid = %uid, cgroup = %name, "removed an orphaned pod cgroup");
+                        removed = true;
+                    }
+                    Err(deckhand_cgroups::Error::NotEmpty(..)) => {
+                        tracing::debug!(pod_uid = %uid, cgroup = %name, "an unknown pod cgroup still has processes: left alone");
+                    }
+                    Err(e) => {
+                        tracing::warn!(pod_uid = %uid, cgroup = %name, "removing an orphaned pod cgroup: {e}")
+                    }
+                }
+            }
+            if removed && let Err(e) = me.update_burstable() {
+                tracing::warn!("updating the burstable QoS cgroup: {e}");
+            }
+        })
+    }
+
     /// The burstable shares last written (for tests and logs).
     pub fn burstable_shares(&self) -> Option<u64> {
         lock(&self.state).burstable_shares

@@ -317,3 +317,45 @@ async fn without_cgroups_per_qos_pods_go_under_the_root() -> Result<()> {
     assert_eq!(memory_limit(&format!("{root}/{id}"))?, Some(32 << 20));
     bed.pass()
 }
+
+/// Pod cgroups without a pod (left by pods deleted while the kubelet was down) are removed once
+/// the sources have synced; one that still holds processes is left alone (another kubelet on the
+/// same root, or a runtime still running it).
+#[tokio::test]
+async fn orphaned_pod_cgroups_are_removed() -> Result<()> {
+    let bed = Bed::start_config("cg-orphans", false, true, "").await?;
+    let kubepods = format!("{}/kubepods", bed.cgroup_root);
+    let stale = format!("{kubepods}/besteffort/pod00000000-dead-4000-8000-000000000001");
+    let stale_g = format!("{kubepods}/pod00000000-dead-4000-8000-000000000002");
+    let busy = format!("{kubepods}/burstable/pod00000000-dead-4000-8000-000000000003");
+    // kubepods is made at the kubelet's start.
+    eventually(LONG, "kubepods made", || async {
+        Ok(if Manager::new(&kubepods)?.exists() {
+            Ok(())
+        } else {
+            Err("no kubepods yet".to_string())
+        })
+    })
+    .await?;
+    for c in [&stale, &stale_g, &busy] {
+        Manager::new(c)?.create()?;
+    }
+    let mut sleeper = std::process::Command::new("sleep").arg("600").spawn()?;
+    let res = async {
+        Manager::new(&busy)?.apply(i32::try_from(sleeper.id())?)?;
+        gone(&stale).await?;
+        gone(&stale_g).await?;
+        ensure!(Manager::new(&busy)?.exists(), "the busy cgroup was removed");
+        let procs = Manager::new(&busy)?.procs()?;
+        ensure!(
+            procs.contains(&i32::try_from(sleeper.id())?),
+            "the busy cgroup's process: {procs:?}"
+        );
+        Ok(())
+    }
+    .await;
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    let _ = Manager::new(&busy).and_then(|m| m.destroy(true));
+    res
+}

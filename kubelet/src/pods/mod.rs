@@ -490,6 +490,14 @@ impl PodManager {
                     };
                     self.set(Source::Orphan, pod, true);
                 }
+                // Pod cgroups without a pod (deleted while the kubelet was down).
+                let active = self
+                    .workers
+                    .keys()
+                    .chain(self.pending.keys())
+                    .cloned()
+                    .collect();
+                drop(self.ctx.cgroups.remove_orphans(active));
             }
         }
     }
