@@ -26,6 +26,8 @@ struct Kubelet {
     name: String,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// Its own `cgroupRoot` (`/dh-cg-<name>`): kubelets of parallel tests never share one.
+    cgroup_root: String,
 }
 
 impl Kubelet {
@@ -72,9 +74,13 @@ impl Kubelet {
             let l = std::net::TcpListener::bind("127.0.0.1:0")?;
             format!("port: {}\n", l.local_addr()?.port())
         };
+        let cgroup_root = format!("/dh-cg-{name}");
+        deckhand_cgroups::Manager::new(&cgroup_root)
+            .and_then(|m| m.create())
+            .with_context(|| format!("creating the cgroup root {cgroup_root}"))?;
         std::fs::write(
             &config_path,
-            format!("{CONFIG_HEAD}address: 127.0.0.1\n{port}{config}"),
+            format!("{CONFIG_HEAD}address: 127.0.0.1\ncgroupRoot: {cgroup_root}\n{port}{config}"),
         )?;
         let log = std::fs::File::create(dir.path().join("kubelet.log"))?;
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_deckhand-kubelet"));
@@ -101,6 +107,7 @@ impl Kubelet {
             name: name.to_string(),
             child: Some(child),
             dir,
+            cgroup_root,
         })
     }
 
@@ -147,6 +154,8 @@ impl Drop for Kubelet {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // Another Kubelet of the same node (a restart) may still use it: only when it is empty.
+        let _ = deckhand_cgroups::Manager::new(&self.cgroup_root).and_then(|m| m.destroy(false));
         if std::thread::panicking() {
             eprintln!(
                 "--- deckhand-kubelet log ({}) ---\n{}",

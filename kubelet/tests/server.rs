@@ -76,11 +76,16 @@ impl Bed {
             String::from_utf8_lossy(&out.stderr)
         );
         let config = bed.dir.path().join("config.yaml");
+        // Its own cgroupRoot: kubelets of parallel tests never share one.
+        deckhand_cgroups::Manager::new(&bed.cgroup_root())
+            .and_then(|m| m.create())
+            .with_context(|| format!("creating the cgroup root {}", bed.cgroup_root()))?;
         std::fs::write(
             &config,
             format!(
-                "{CONFIG_HEAD}podLogsDir: {}\n",
-                bed.dir.path().join("logs").display()
+                "{CONFIG_HEAD}podLogsDir: {}\ncgroupRoot: {}\n",
+                bed.dir.path().join("logs").display(),
+                bed.cgroup_root()
             ),
         )?;
         let p = |p: PathBuf| p.display().to_string();
@@ -128,6 +133,10 @@ impl Bed {
         )
         .await?;
         Ok(bed)
+    }
+
+    fn cgroup_root(&self) -> String {
+        format!("/dh-cg-{}", self.node)
     }
 
     fn pass(mut self) -> Result<()> {
@@ -333,6 +342,11 @@ impl Drop for Bed {
             Ok(Err(e)) => eprintln!("cleaning up node {}: {e:#}", self.node),
             Err(_) => eprintln!("cleaning up node {}: panicked", self.node),
             Ok(Ok(())) => {}
+        }
+        if let Err(e) =
+            deckhand_cgroups::Manager::new(&self.cgroup_root()).and_then(|m| m.destroy(true))
+        {
+            eprintln!("removing the cgroup root {}: {e}", self.cgroup_root());
         }
     }
 }

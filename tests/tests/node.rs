@@ -56,6 +56,10 @@ struct NodeBed {
 }
 
 impl NodeBed {
+    fn cgroup_root(&self) -> String {
+        format!("/dh-cg-{}", self.node)
+    }
+
     async fn start() -> Result<NodeBed> {
         let tb = Testbed::get();
         let client = tb.kube_client().await?;
@@ -134,6 +138,10 @@ impl NodeBed {
             "node-credentials: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        // The kubelet's own cgroupRoot (its kubepods below), removed with the bed.
+        deckhand_cgroups::Manager::new(&bed.cgroup_root())
+            .and_then(|m| m.create())
+            .with_context(|| format!("creating the cgroup root {}", bed.cgroup_root()))?;
         std::fs::write(
             dir.join("kubelet.yaml"),
             format!(
@@ -141,7 +149,7 @@ impl NodeBed {
                  nodeStatusUpdateFrequency: 2s\npodLogsDir: {}\naddress: 127.0.0.1\nport: {}\n\
                  tlsCertFile: {}\ntlsPrivateKeyFile: {}\n\
                  authentication: {{x509: {{clientCAFile: {}}}, anonymous: {{enabled: false}}}}\n\
-                 authorization: {{mode: Webhook}}\n",
+                 authorization: {{mode: Webhook}}\ncgroupRoot: {}\n",
                 dir.join("logs").display(),
                 std::net::TcpListener::bind("127.0.0.1:0")?
                     .local_addr()?
@@ -149,6 +157,7 @@ impl NodeBed {
                 creds.join("kubelet.crt").display(),
                 creds.join("kubelet.key").display(),
                 creds.join("ca.crt").display(),
+                bed.cgroup_root(),
             ),
         )?;
         let klog = std::fs::File::create(dir.join("kubelet.log"))?;
@@ -231,6 +240,11 @@ impl Drop for NodeBed {
         })
         .join();
         self.cri.take();
+        if let Err(e) =
+            deckhand_cgroups::Manager::new(&self.cgroup_root()).and_then(|m| m.destroy(true))
+        {
+            eprintln!("removing the cgroup root {}: {e}", self.cgroup_root());
+        }
         let _ = Command::new("ip")
             .args(["link", "del", &self.bridge])
             .stderr(Stdio::null())
