@@ -540,3 +540,112 @@ async fn a_missing_config_map_volume_waits_and_an_optional_one_is_empty() -> Res
     );
     bed.pass()
 }
+
+/// `stat -c '%g %a'` of `path` (following symlinks) in container `id`: group and mode.
+async fn group_mode(id: &str, path: &str) -> Result<String> {
+    let (code, out) = exec(id, &["stat", "-L", "-c", "%g %a", path]).await?;
+    ensure!(code == 0, "stat {path}: exit {code}");
+    Ok(out.trim().to_string())
+}
+
+#[tokio::test]
+async fn fs_group_owns_the_volumes_and_joins_the_groups() -> Result<()> {
+    let bed = Bed::start("vol-fsgroup", false).await?;
+    bed.config_map("cfg", json!({"a": "1"})).await?;
+    let created = bed
+        .create_pod(
+            "fsg",
+            json!({
+                "securityContext": {"fsGroup": 2345, "runAsUser": 1000},
+                "containers": [{
+                    "name": "main", "image": busybox(), "command": ["sleep", "3600"],
+                    "volumeMounts": [
+                        {"name": "data", "mountPath": "/data"},
+                        {"name": "mem", "mountPath": "/mem"},
+                        {"name": "cm", "mountPath": "/cm"},
+                        {"name": "proj", "mountPath": "/proj"}]}],
+                "volumes": [
+                    {"name": "data", "emptyDir": {}},
+                    {"name": "mem", "emptyDir": {"medium": "Memory", "sizeLimit": "8Mi"}},
+                    {"name": "cm", "configMap": {"name": "cfg", "defaultMode": 0o400}},
+                    {"name": "proj", "projected": {"sources": [
+                        {"serviceAccountToken": {"path": "token", "audience": "dh-test"}}]}}]
+            }),
+        )
+        .await?;
+    let id = bed.running("fsg").await?;
+    // fsGroup is one of the container's groups.
+    let (code, groups) = exec(&id, &["id", "-G"]).await?;
+    ensure!(code == 0, "id -G: exit {code}");
+    assert!(
+        groups.split_whitespace().any(|g| g == "2345"),
+        "groups {groups:?}"
+    );
+    let (_, uid) = exec(&id, &["id", "-u"]).await?;
+    assert_eq!(uid.trim(), "1000");
+    // The emptyDirs: group 2345, setgid, writable by the group.
+    assert_eq!(group_mode(&id, "/data").await?, "2345 2777");
+    assert_eq!(group_mode(&id, "/mem").await?, "2345 2777");
+    let (code, out) = exec(
+        &id,
+        &[
+            "sh",
+            "-c",
+            "mkdir /data/d && echo hi > /data/d/f && stat -c '%u %g' /data/d/f && stat -c '%g %a' /data/d",
+        ],
+    )
+    .await?;
+    assert_eq!(code, 0, "writing to the emptyDir as uid 1000: {out}");
+    // New files inherit the group through the setgid directories.
+    assert_eq!(out, "1000 2345\n2345 2755\n");
+    // The configMap's files: the group with its read bits (0400 → 0440), readable by uid
+    // 1000 through the group only (the files are root's).
+    assert_eq!(group_mode(&id, "/cm/a").await?, "2345 440");
+    assert_eq!(cat(&id, "/cm/a").await?, "1");
+    let (_, ls) = exec(&id, &["ls", "-ln", "/cm/..data/"]).await?;
+    let owners: Vec<Vec<&str>> = ls
+        .lines()
+        .filter(|l| l.ends_with(" a"))
+        .map(|l| l.split_whitespace().skip(2).take(2).collect())
+        .collect();
+    assert_eq!(owners, vec![vec!["0", "2345"]], "ls -ln: {ls}");
+    // The token: 0600 with an fsGroup, 0640 after the ownership walk, as upstream.
+    assert_eq!(group_mode(&id, "/proj/token").await?, "2345 640");
+    let token = cat(&id, "/proj/token").await?;
+    ensure!(token.split('.').count() == 3, "not a JWT: {token}");
+    // A rewrite of the configMap volume keeps the ownership.
+    Api::<ConfigMap>::namespaced(bed.client.clone(), &bed.ns)
+        .patch(
+            "cfg",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"a": "changed", "b": "new"}})),
+        )
+        .await?;
+    eventually(Duration::from_secs(150), "the ConfigMap update", || async {
+        let b = exec(&id, &["cat", "/cm/b"]).await?.1;
+        Ok(if b == "new" {
+            Ok(())
+        } else {
+            Err(format!("b={b:?}"))
+        })
+    })
+    .await?;
+    assert_eq!(cat(&id, "/cm/a").await?, "changed");
+    assert_eq!(group_mode(&id, "/cm/a").await?, "2345 440");
+    assert_eq!(group_mode(&id, "/cm/b").await?, "2345 440");
+    assert_eq!(group_mode(&id, "/cm/..data").await?, "2345 2755");
+    // Deletion removes the owned volumes, the tmpfs included.
+    let uid = created.metadata.uid.clone().unwrap_or_default();
+    bed.pods().delete("fsg", &DeleteParams::default()).await?;
+    eventually(LONG, "pod gone", || async {
+        Ok(match bed.pods().get_opt("fsg").await? {
+            None => Ok(()),
+            Some(_) => Err("still there".to_string()),
+        })
+    })
+    .await?;
+    assert!(!bed.dir.path().join("root/pods").join(&uid).exists());
+    let host_mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    assert!(!host_mounts.contains(&uid), "mounts of the pod left");
+    bed.pass()
+}

@@ -10,6 +10,12 @@
 //! running containers; a service-account token is requested again at 80% of its lifetime.
 //! emptyDir with `medium: Memory` is a tmpfs mounted on the volume directory. [`teardown`]
 //! unmounts whatever is mounted beneath the pod's directory before it is removed.
+//!
+//! A pod's `securityContext.fsGroup` is applied as upstream's `SetVolumeOwnership`
+//! ([`set_volume_ownership`]): an emptyDir once when it is set up (upstream's ready file
+//! under `plugins/kubernetes.io~empty-dir/<name>/`, honouring `fsGroupChangePolicy:
+//! OnRootMismatch`), an atomic-writer volume on every write before the new data becomes
+//! visible ([`write_payload_owned`]); hostPath volumes never.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -246,7 +252,10 @@ pub fn write_payload_owned(
             Err(e) => return Err(io(&path)(e)),
         }
     };
-    let mut written = write_tree(&ts_dir, payload);
+    // 0755 whatever the umask, as upstream's `newTimestampDir`.
+    let mut written = std::fs::set_permissions(&ts_dir, std::fs::Permissions::from_mode(0o755))
+        .map_err(io(&ts_dir))
+        .and_then(|()| write_tree(&ts_dir, payload));
     if let (Ok(()), Some(o)) = (&written, &ownership) {
         // As upstream: the whole volume, as the first write also makes files outside the
         // timestamped directory.
@@ -256,10 +265,12 @@ pub fn write_payload_owned(
         let _ = std::fs::remove_dir_all(&ts_dir);
         return Err(e);
     }
-    let lchown = |path: &Path| -> Result<(), WriteError> {
-        match fs_group {
-            Some(gid) => std::os::unix::fs::lchown(path, None, Some(gid)).map_err(io(path)),
-            None => Ok(()),
+    // The links made from here on get the group too (a failure is logged, as the walk's).
+    let lchown = |path: &Path| {
+        if let Some(gid) = fs_group
+            && let Err(e) = std::os::unix::fs::lchown(path, None, Some(gid))
+        {
+            tracing::warn!(path = %path.display(), "fsGroup: chown failed: {e}");
         }
     };
     let tmp = dir.join(DATA_DIR_TMP);
@@ -268,7 +279,7 @@ pub fn write_payload_owned(
         _ => {}
     }
     std::os::unix::fs::symlink(&ts_name, &tmp).map_err(io(&tmp))?;
-    lchown(&tmp)?;
+    lchown(&tmp);
     let data = dir.join(DATA_DIR);
     std::fs::rename(&tmp, &data).map_err(io(&data))?;
     // The user-visible names.
@@ -283,7 +294,7 @@ pub fn write_payload_owned(
             Err(_) => {}
         }
         std::os::unix::fs::symlink(Path::new(DATA_DIR).join(name), &link).map_err(io(&link))?;
-        lchown(&link)?;
+        lchown(&link);
     }
     // Names no longer in the payload, and the old data directory.
     if let Some(old_payload) = &old_payload {
@@ -463,7 +474,8 @@ fn errno_io(path: &Path) -> impl Fn(nix::errno::Errno) -> WriteError + '_ {
 /// The names in the directory open as `fd` (read through its `/proc/self/fd` link, so the
 /// directory cannot be swapped for another).
 fn dir_names(fd: &OwnedFd, path: &Path) -> Result<Vec<std::ffi::OsString>, WriteError> {
-    let listing = std::fs::read_dir(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(io(path))?;
+    let listing =
+        std::fs::read_dir(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(io(path))?;
     listing
         .map(|e| e.map(|e| e.file_name()).map_err(io(path)))
         .collect()
@@ -929,7 +941,7 @@ fn ensure_tmpfs(dir: &Path, size: u64) -> Result<bool, String> {
 /// fsGroup the ownership of [`set_volume_ownership`] (read-write, the pod's
 /// `fsGroupChangePolicy`); a failed ownership change is logged, as upstream.
 fn setup_empty_dir(
-    ctx: &Context,
+    pods_dir: &Path,
     pod: &Pod,
     v: &Volume,
     dir: &Path,
@@ -937,12 +949,21 @@ fn setup_empty_dir(
     mounted: bool,
     fs_group: Option<u32>,
 ) -> Result<(), String> {
-    let ready = empty_dir_ready(&ctx.pods_dir, pod, &v.name);
+    let ready = empty_dir_ready(pods_dir, pod, &v.name);
     if existed && !mounted && ready.symlink_metadata().is_ok() {
         return Ok(());
     }
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))
-        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    // As upstream's `setupDir`: only when the permission bits differ (a root made setgid by
+    // an earlier walk keeps it).
+    let perm = dir
+        .symlink_metadata()
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .permissions()
+        .mode();
+    if perm & 0o777 != 0o777 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777))
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
     if let Some(gid) = fs_group {
         let o = Ownership {
             gid,
@@ -1028,7 +1049,8 @@ async fn setup_all(ctx: &Context, pod: &Pod) -> Result<Option<Duration>, String>
                 mounted = ensure_tmpfs(&dir, u64::try_from(size.max(0)).unwrap_or(u64::MAX))
                     .map_err(named)?;
             }
-            setup_empty_dir(ctx, pod, v, &dir, existed, mounted, fs_group).map_err(named)?;
+            setup_empty_dir(&ctx.pods_dir, pod, v, &dir, existed, mounted, fs_group)
+                .map_err(named)?;
             continue;
         }
         let payload = if let Some(c) = &v.config_map {
@@ -1723,5 +1745,207 @@ mod tests {
             unescape_mountinfo("/plain"),
             std::ffi::OsString::from("/plain")
         );
+    }
+
+    fn gid_mode(p: &Path) -> (u32, u32) {
+        use std::os::unix::fs::MetadataExt;
+        let m = p.symlink_metadata().expect("lstat");
+        (m.gid(), m.mode() & 0o7777)
+    }
+
+    fn set_mode(p: &Path, mode: u32) {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    /// A volume with a file, a subdirectory, symlinks out of it and a file outside.
+    fn volume_tree(t: &Path) -> PathBuf {
+        let vol = t.join("vol");
+        std::fs::create_dir_all(vol.join("sub/deeper")).expect("mkdir");
+        std::fs::create_dir(t.join("outside")).expect("mkdir");
+        std::fs::write(t.join("outside/secret"), "x").expect("write");
+        set_mode(&t.join("outside/secret"), 0o600);
+        set_mode(&t.join("outside"), 0o700);
+        std::fs::write(vol.join("f"), "f").expect("write");
+        set_mode(&vol.join("f"), 0o644);
+        std::fs::write(vol.join("sub/deeper/g"), "g").expect("write");
+        set_mode(&vol.join("sub/deeper/g"), 0o600);
+        set_mode(&vol.join("sub/deeper"), 0o700);
+        set_mode(&vol.join("sub"), 0o750);
+        set_mode(&vol, 0o755);
+        std::os::unix::fs::symlink("../outside/secret", vol.join("filelink")).expect("symlink");
+        std::os::unix::fs::symlink("../../outside", vol.join("sub/dirlink")).expect("symlink");
+        // An owner other than root, to see that it stays.
+        std::os::unix::fs::chown(vol.join("f"), Some(4321), None).expect("chown");
+        vol
+    }
+
+    #[test]
+    fn ownership_walk_sets_group_and_bits_without_following_symlinks() {
+        use std::os::unix::fs::MetadataExt;
+        let t = tempfile::tempdir().expect("tempdir");
+        let vol = volume_tree(t.path());
+        let o = Ownership {
+            gid: 1234,
+            read_only: false,
+            on_root_mismatch: false,
+        };
+        assert!(needs_ownership_change(&vol, &o));
+        assert!(set_volume_ownership(&vol, &o).expect("walk"));
+        assert_eq!(gid_mode(&vol), (1234, 0o2775));
+        assert_eq!(gid_mode(&vol.join("f")), (1234, 0o664));
+        assert_eq!(vol.join("f").symlink_metadata().expect("f").uid(), 4321);
+        assert_eq!(gid_mode(&vol.join("sub")), (1234, 0o2770));
+        assert_eq!(gid_mode(&vol.join("sub/deeper")), (1234, 0o2770));
+        assert_eq!(gid_mode(&vol.join("sub/deeper/g")), (1234, 0o660));
+        // Symlinks get the group themselves; what they point to is untouched.
+        assert_eq!(gid_mode(&vol.join("filelink")).0, 1234);
+        assert_eq!(gid_mode(&vol.join("sub/dirlink")).0, 1234);
+        assert_eq!(gid_mode(&t.path().join("outside/secret")), (0, 0o600));
+        assert_eq!(gid_mode(&t.path().join("outside")), (0, 0o700));
+        assert!(!needs_ownership_change(&vol, &o));
+        // A volume directory that is a symlink is refused.
+        let link = t.path().join("vol-link");
+        std::os::unix::fs::symlink("outside", &link).expect("symlink");
+        assert!(set_volume_ownership(&link, &o).is_err());
+        assert_eq!(gid_mode(&t.path().join("outside")), (0, 0o700));
+    }
+
+    #[test]
+    fn ownership_walk_of_a_read_only_volume_adds_read_bits_only() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let vol = volume_tree(t.path());
+        set_mode(&vol.join("f"), 0o400);
+        let o = Ownership {
+            gid: 1234,
+            read_only: true,
+            on_root_mismatch: false,
+        };
+        assert!(set_volume_ownership(&vol, &o).expect("walk"));
+        assert_eq!(gid_mode(&vol), (1234, 0o2755));
+        assert_eq!(gid_mode(&vol.join("f")), (1234, 0o440));
+        assert_eq!(gid_mode(&vol.join("sub")), (1234, 0o2750));
+        assert_eq!(gid_mode(&vol.join("sub/deeper/g")), (1234, 0o640));
+        assert_eq!(gid_mode(&t.path().join("outside/secret")), (0, 0o600));
+    }
+
+    #[test]
+    fn on_root_mismatch_skips_a_volume_whose_root_is_right() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let vol = volume_tree(t.path());
+        let mut o = Ownership {
+            gid: 1234,
+            read_only: false,
+            on_root_mismatch: true,
+        };
+        // A fresh root does not match: walked.
+        assert!(set_volume_ownership(&vol, &o).expect("walk"));
+        assert_eq!(gid_mode(&vol.join("f")).0, 1234);
+        // A new file under a root that matches: skipped, the file stays as it is.
+        std::fs::write(vol.join("new"), "n").expect("write");
+        std::os::unix::fs::chown(vol.join("new"), None, Some(0)).expect("chown");
+        set_mode(&vol.join("new"), 0o600);
+        assert!(!set_volume_ownership(&vol, &o).expect("skip"));
+        assert_eq!(gid_mode(&vol.join("new")), (0, 0o600));
+        // Always walks.
+        o.on_root_mismatch = false;
+        assert!(set_volume_ownership(&vol, &o).expect("walk"));
+        assert_eq!(gid_mode(&vol.join("new")), (1234, 0o660));
+        // A root without the setgid bit, or of another group, is a mismatch.
+        o.on_root_mismatch = true;
+        std::fs::write(vol.join("new2"), "n").expect("write");
+        set_mode(&vol, 0o775);
+        assert!(set_volume_ownership(&vol, &o).expect("walk"));
+        assert_eq!(gid_mode(&vol.join("new2")).0, 1234);
+        std::os::unix::fs::chown(&vol, None, Some(1235)).expect("chown");
+        assert!(needs_ownership_change(&vol, &o));
+        // Another group, a root lacking the group's bits.
+        let other = Ownership { gid: 1235, ..o };
+        set_mode(&vol, 0o2705);
+        assert!(needs_ownership_change(&vol, &other));
+    }
+
+    #[test]
+    fn atomic_writer_with_fs_group_owns_every_write() {
+        use std::os::unix::fs::MetadataExt;
+        let t = tempfile::tempdir().expect("tempdir");
+        let dir = t.path().join("vol");
+        std::fs::create_dir(&dir).expect("mkdir");
+        set_mode(&dir, 0o755);
+        let first = payload(&[("a", "1", 0o400), ("sub/b", "2", 0o644)]);
+        assert!(write_payload_owned(&dir, &first, Some(1234)).expect("write"));
+        let data = std::fs::read_link(dir.join(DATA_DIR)).expect("..data");
+        assert_eq!(gid_mode(&dir), (1234, 0o2755));
+        assert_eq!(gid_mode(&dir.join(&data)), (1234, 0o2755));
+        assert_eq!(gid_mode(&dir.join(&data).join("sub")), (1234, 0o2755));
+        assert_eq!(gid_mode(&dir.join(&data).join("a")), (1234, 0o440));
+        assert_eq!(gid_mode(&dir.join(&data).join("sub/b")), (1234, 0o644));
+        for link in [DATA_DIR, "a", "sub"] {
+            assert_eq!(gid_mode(&dir.join(link)).0, 1234, "{link}");
+        }
+        // The same payload again: nothing to do (the owned modes are not a change).
+        assert!(!write_payload_owned(&dir, &first, Some(1234)).expect("rewrite"));
+        // A file that lost its group is written again, owned.
+        std::os::unix::fs::chown(dir.join(&data).join("a"), None, Some(0)).expect("chown");
+        assert!(write_payload_owned(&dir, &first, Some(1234)).expect("repair"));
+        let data2 = std::fs::read_link(dir.join(DATA_DIR)).expect("..data");
+        assert_ne!(data, data2);
+        assert_eq!(gid_mode(&dir.join("a")).0, 1234);
+        // A changed payload: the new files are owned before they are visible.
+        let second = payload(&[("a", "3", 0o400), ("c", "4", 0o600)]);
+        assert!(write_payload_owned(&dir, &second, Some(1234)).expect("write 2"));
+        assert_eq!(std::fs::read_to_string(dir.join("c")).expect("c"), "4");
+        assert_eq!(
+            gid_mode(&std::fs::canonicalize(dir.join("c")).expect("c")),
+            (1234, 0o640)
+        );
+        assert_eq!(std::fs::metadata(dir.join("a")).expect("a").gid(), 1234);
+        assert!(tree_has_gid(&dir, 1234));
+    }
+
+    #[test]
+    fn empty_dirs_are_owned_once_and_honour_the_change_policy() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let pod_of = |policy: &str| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "p", "namespace": "n", "uid": "u"},
+                "spec": {"securityContext": {"fsGroup": 1234, "fsGroupChangePolicy": policy},
+                    "containers": [], "volumes": [{"name": "e", "emptyDir": {}}]}
+            }))
+            .expect("pod")
+        };
+        let pod = pod_of("OnRootMismatch");
+        assert_eq!(pod_fs_group(&pod), Ok(Some(1234)));
+        assert!(on_root_mismatch(&pod));
+        let v = &spec::spec(&pod).volumes.as_ref().expect("volumes")[0];
+        let dir = spec::volume_host_path(t.path(), &pod, "e").expect("path");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        set_mode(&dir, 0o755);
+        let setup = |pod: &Pod| setup_empty_dir(t.path(), pod, v, &dir, true, false, Some(1234));
+        setup(&pod).expect("setup");
+        assert_eq!(gid_mode(&dir), (1234, 0o2777));
+        assert!(empty_dir_ready(t.path(), &pod, "e").exists());
+        // Set up once: later syncs leave what the pod did alone.
+        std::fs::write(dir.join("f"), "x").expect("write");
+        std::os::unix::fs::chown(dir.join("f"), None, Some(0)).expect("chown");
+        setup(&pod).expect("again");
+        assert_eq!(gid_mode(&dir.join("f")).0, 0);
+        // Without the ready file (a crash before it was written) it is set up again:
+        // OnRootMismatch skips a root that is right, Always walks.
+        let ready = empty_dir_ready(t.path(), &pod, "e");
+        std::fs::remove_file(&ready).expect("rm");
+        setup(&pod).expect("OnRootMismatch");
+        assert_eq!(gid_mode(&dir.join("f")).0, 0);
+        assert_eq!(gid_mode(&dir), (1234, 0o2777));
+        std::fs::remove_file(&ready).expect("rm");
+        let always = pod_of("Always");
+        assert!(!on_root_mismatch(&always));
+        setup(&always).expect("Always");
+        assert_eq!(gid_mode(&dir.join("f")), (1234, 0o664));
+        // A negative fsGroup (a static pod is not validated) is refused.
+        let mut bad = pod.clone();
+        if let Some(sc) = bad.spec.as_mut().and_then(|s| s.security_context.as_mut()) {
+            sc.fs_group = Some(-1);
+        }
+        assert!(pod_fs_group(&bad).is_err());
     }
 }

@@ -407,6 +407,9 @@ impl Drop for Bed {
         {
             eprintln!("removing the cgroup root {}: {e}", self.cgroup_root);
         }
+        // What the kubelet left mounted beneath its directory (an emptyDir `medium: Memory` of
+        // a pod that was not deleted), so that a failed test leaves no mount behind either.
+        unmount_beneath(self.dir.path());
     }
 }
 
