@@ -341,9 +341,14 @@ fn supervise(
 ) -> Result<i32, String> {
     let mut writers = [LineWriter::new("stdout"), LineWriter::new("stderr")];
     let mut open = [fds[0] >= 0, fds[1] >= 0];
-    let mut cbuf = vec![0u8; attach::MAX_FRAME];
+    // Attach clients' frames: allocated when the first client writes (most containers never
+    // see one), so an idle monitor does not keep 32 KiB resident for it.
+    let mut cbuf: Vec<u8> = Vec::new();
     let mut code = None;
-    let mut buf = vec![0u8; 32 * 1024];
+    // The container's output is read in 8 KiB pieces (a log line longer than that is joined
+    // by the LineWriter): a smaller resident buffer than one read per 32 KiB, at the cost of
+    // more reads for a container that logs fast.
+    let mut buf = vec![0u8; 8 * 1024];
     loop {
         let mut pfds = vec![
             libc::pollfd {
@@ -416,6 +421,9 @@ fn supervise(
         }
         let mut gone = Vec::new();
         for (k, p) in pfds[4..].iter().enumerate() {
+            if p.revents != 0 && cbuf.is_empty() {
+                cbuf.resize(attach::MAX_FRAME, 0);
+            }
             if p.revents != 0 && !hub.client_input(k, &mut cbuf) {
                 gone.push(k);
             }
@@ -479,8 +487,12 @@ fn supervise(
 /// Drops the executable pages touched while creating the container from our resident set: the
 /// steady state (poll, read, write) needs a small part of them and faults it back in from the
 /// page cache. Only `r-xp` mappings: text is never written, so nothing private is lost (a
-/// relocated read-only or writable mapping could hold private copies).
+/// relocated read-only or writable mapping could hold private copies). The heap the creation
+/// used (the parsed config.json, mounts, the seccomp program) is free by then but sits at the
+/// top of the heap, below glibc's trim threshold: `malloc_trim` gives it back (~64 KiB).
 fn trim_rss() {
+    // SAFETY: glibc's malloc_trim only releases free memory of the allocator.
+    unsafe { libc::malloc_trim(0) };
     let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
         return;
     };
