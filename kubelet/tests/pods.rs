@@ -477,7 +477,7 @@ async fn an_unsupported_pod_is_rejected_with_a_reason() -> Result<()> {
     let bed = Bed::start("pod-reject", false).await?;
     bed.create_pod(
         "probe",
-        json!({ "readinessGates": [{ "conditionType": "deckhand.io/gate" }],
+        json!({ "volumes": [{ "name": "dh-nfs", "nfs": { "server": "127.0.0.1", "path": "/" } }],
                 "containers": [{ "name": "c", "image": busybox(), "command": ["sleep", "60"] }] }),
     )
     .await?;
@@ -492,7 +492,7 @@ async fn an_unsupported_pod_is_rejected_with_a_reason() -> Result<()> {
         })
         .await?;
     assert_eq!(reason.as_deref(), Some("UnsupportedPodSpec"));
-    assert!(message.unwrap_or_default().contains("readinessGates"));
+    assert!(message.unwrap_or_default().contains("volume \"dh-nfs\""));
     let uid = bed
         .pods()
         .get("probe")
@@ -629,5 +629,157 @@ async fn a_changed_image_restarts_the_container() -> Result<()> {
         .filter(|c| c.state == ContainerState::ContainerRunning as i32)
         .collect();
     assert_eq!(running.len(), 1, "{running:?}");
+    bed.pass()
+}
+
+/// A pod condition's (status, reason, message).
+fn condition_of(p: &Pod, t: &str) -> Option<(String, Option<String>, Option<String>)> {
+    p.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == t)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// Runs `cmd` in the pod's running container through the runtime, for its exit code.
+async fn exec_in(p: &Pod, cmd: &[&str]) -> Result<i32> {
+    let id = p
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|c| c.first())
+        .and_then(|c| c.container_id.as_deref())
+        .and_then(|id| id.split_once("://"))
+        .map(|(_, id)| id.to_string())
+        .ok_or_else(|| anyhow!("no container id in {:?}", p.status))?;
+    let mut cri = runtime().await?;
+    let r = cri
+        .exec_sync(deckhand_proto::cri::ExecSyncRequest {
+            container_id: id,
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout: 10,
+        })
+        .await?
+        .into_inner();
+    Ok(r.exit_code)
+}
+
+#[tokio::test]
+async fn readiness_gates_hold_ready_until_their_condition_is_true() -> Result<()> {
+    const GATE: &str = "dh.example/gate";
+    let bed = Bed::start("pod-gate", false).await?;
+    bed.create_pod(
+        "gated",
+        json!({
+            "readinessGates": [{"conditionType": GATE}],
+            "containers": [{"name": "main", "image": busybox(),
+                "command": ["sh", "-c", "touch /tmp/ready; exec sleep 3600"],
+                "readinessProbe": {"exec": {"command": ["cat", "/tmp/ready"]},
+                    "periodSeconds": 1, "failureThreshold": 1}}],
+        }),
+    )
+    .await?;
+    // Running, its containers ready, but not Ready: the gate's condition does not exist.
+    let pod = bed
+        .wait_pod("gated", LONG, "ContainersReady but not Ready", |p| {
+            let cr = condition_of(p, "ContainersReady");
+            match (phase(p), cr, condition_of(p, "Ready")) {
+                ("Running", Some((c, ..)), Some(r)) if c == "True" && r.0 == "False" => {
+                    Ok((p.clone(), r))
+                }
+                _ => Err(format!("{:?}", p.status)),
+            }
+        })
+        .await?;
+    let (pod, ready) = pod;
+    assert_eq!(ready.1.as_deref(), Some("ReadinessGatesNotReady"));
+    assert_eq!(
+        ready.2.as_deref(),
+        Some("corresponding condition of pod readiness gate \"dh.example/gate\" does not exist.")
+    );
+    // A controller sets the gate's condition on the status subresource.
+    let set_gate = |status: &str| {
+        json!({ "status": { "conditions": [{ "type": GATE, "status": status,
+            "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string() }] } })
+    };
+    let pp = kube::api::PatchParams::default();
+    bed.pods()
+        .patch_status(
+            "gated",
+            &pp,
+            &kube::api::Patch::Strategic(&set_gate("False")),
+        )
+        .await?;
+    bed.wait_pod("gated", LONG, "Ready False naming the gate's status", |p| {
+        match condition_of(p, "Ready") {
+            Some((s, r, m))
+                if s == "False"
+                    && r.as_deref() == Some("ReadinessGatesNotReady")
+                    && m.as_deref()
+                        == Some(
+                            "the status of pod readiness gate \"dh.example/gate\" is not \"True\", but False",
+                        ) =>
+            {
+                Ok(())
+            }
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await?;
+    bed.pods()
+        .patch_status(
+            "gated",
+            &pp,
+            &kube::api::Patch::Strategic(&set_gate("True")),
+        )
+        .await?;
+    let gate_true = |p: &Pod| condition_of(p, GATE).is_some_and(|c| c.0 == "True");
+    bed.wait_pod(
+        "gated",
+        LONG,
+        "Ready once the gate is True",
+        |p| match condition_of(p, "Ready") {
+            Some((s, None, None)) if s == "True" && gate_true(p) => Ok(()),
+            _ => Err(format!("{:?}", p.status)),
+        },
+    )
+    .await?;
+    // The kubelet's later patches (its container unready, then ready again) keep the
+    // gate's condition.
+    ensure!(
+        exec_in(&pod, &["rm", "/tmp/ready"]).await? == 0,
+        "rm failed"
+    );
+    bed.wait_pod("gated", LONG, "unready container, gate kept", |p| {
+        let cr = condition_of(p, "ContainersReady").map(|c| c.0);
+        match condition_of(p, "Ready") {
+            Some((s, r, _))
+                if s == "False"
+                    && r.as_deref() == Some("ContainersNotReady")
+                    && cr.as_deref() == Some("False")
+                    && gate_true(p) =>
+            {
+                Ok(())
+            }
+            _ => Err(format!("{:?}", p.status)),
+        }
+    })
+    .await?;
+    ensure!(
+        exec_in(&pod, &["touch", "/tmp/ready"]).await? == 0,
+        "touch failed"
+    );
+    bed.wait_pod(
+        "gated",
+        LONG,
+        "Ready again, gate kept",
+        |p| match condition_of(p, "Ready") {
+            Some((s, ..)) if s == "True" && gate_true(p) => Ok(()),
+            _ => Err(format!("{:?}", p.status)),
+        },
+    )
+    .await?;
     bed.pass()
 }

@@ -5,7 +5,8 @@
 //!   resourceVersion after a disconnect and relists only on 410 Gone) and the static-pod
 //!   directory ([`static_pods`]).
 //! * The manager keeps the desired state per pod UID and runs one [`worker::PodWorker`] per UID
-//!   on [`crate::reconcile::run`], waking it when its pod changes or the runtime reports a
+//!   on [`crate::reconcile::run`], waking it when its pod changes (not its status alone, unless
+//!   a readiness gate's condition no longer agrees with `Ready`) or the runtime reports a
 //!   change of its containers. Once every source has synced, runtime sandboxes of this node
 //!   whose pod is gone are stopped and removed by a worker with no desired pod (orphans).
 //! * New pods are admitted ([`admission`]) once every source has synced, before a worker
@@ -198,9 +199,12 @@ impl PodManager {
         };
         if let Some(h) = self.workers.get(&uid) {
             desired.rejected = h.desired.borrow().rejected.clone();
-            // A change of status only (the kubelet's own patches) does not wake the worker.
+            // A change of status only (the kubelet's own patches) does not wake the worker,
+            // unless another controller changed a readiness gate's condition so that `Ready`
+            // must be evaluated again (upstream's `HandlePodReconcile`).
             let wake = removed != h.desired.borrow().removed
-                || desired_changed(&h.desired.borrow().pod, &desired.pod);
+                || desired_changed(&h.desired.borrow().pod, &desired.pod)
+                || status::needs_readiness_reconcile(&desired.pod);
             h.desired.send_replace(desired);
             if wake {
                 h.trigger.notify_one();

@@ -139,9 +139,6 @@ pub fn unsupported(pod: &Pod) -> Vec<String> {
     {
         out.push("ephemeralContainers".into());
     }
-    if s.readiness_gates.as_ref().is_some_and(|g| !g.is_empty()) {
-        out.push("readinessGates".into());
-    }
     let all = s
         .init_containers
         .iter()

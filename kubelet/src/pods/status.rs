@@ -11,6 +11,14 @@
 //! initialized once started, their readiness counts for `ContainersReady`/`Ready`, and they do
 //! not decide the phase (a sidecar that exited, e.g. killed once the regular containers
 //! completed, is not counted), as upstream's `getPhase`.
+//!
+//! Readiness gates (`spec.readinessGates`): `Ready` is True only when `ContainersReady` is
+//! and every gate's condition, set by another controller on the API's pod, exists and is
+//! True; otherwise it is False with upstream's reason `ReadinessGatesNotReady` and messages
+//! (upstream's `GeneratePodReadyCondition`). The kubelet reports only the conditions it owns
+//! ([`KUBELET_CONDITIONS`]) in a strategic-merge patch ([`status_patch`]) that keeps the
+//! others, and [`needs_readiness_reconcile`] tells the manager to wake the worker when a
+//! status-only update makes `Ready` disagree with the gates.
 
 use std::collections::HashMap;
 
@@ -254,6 +262,129 @@ fn condition(
     }
 }
 
+/// The conditions the kubelet writes (upstream's `PodConditionByKubelet`, and `PodScheduled`
+/// it sets when nothing did); the others belong to other controllers (readiness gates) and
+/// are never patched by it.
+pub const KUBELET_CONDITIONS: [&str; 4] =
+    ["Initialized", "Ready", "ContainersReady", "PodScheduled"];
+
+/// Upstream's reason of a pod whose containers are ready but not its readiness gates.
+pub const READINESS_GATES_NOT_READY: &str = "ReadinessGatesNotReady";
+
+/// Why the readiness gates of `pod` are not all satisfied by `conditions` (upstream's
+/// messages, joined by ", "), or None when every gate's condition exists and is True.
+pub fn readiness_gates_unready<'a>(
+    pod: &Pod,
+    conditions: impl IntoIterator<Item = &'a PodCondition> + Clone,
+) -> Option<String> {
+    let gates = spec::spec(pod)
+        .readiness_gates
+        .as_deref()
+        .unwrap_or_default();
+    let problems: Vec<String> = gates
+        .iter()
+        .filter_map(|g| {
+            let t = &g.condition_type;
+            match conditions.clone().into_iter().find(|c| &c.type_ == t) {
+                None => Some(format!(
+                    "corresponding condition of pod readiness gate {t:?} does not exist."
+                )),
+                Some(c) if c.status != "True" => Some(format!(
+                    "the status of pod readiness gate {t:?} is not \"True\", but {}",
+                    c.status
+                )),
+                Some(_) => None,
+            }
+        })
+        .collect();
+    (!problems.is_empty()).then(|| problems.join(", "))
+}
+
+/// The `Ready` condition's status, reason and message, as upstream's
+/// `GeneratePodReadyCondition`: those of `ContainersReady` while it is not True, else True
+/// only if every readiness gate's condition in `conditions` is True.
+fn ready(
+    pod: &Pod,
+    containers_ready: &PodCondition,
+    conditions: &[&PodCondition],
+) -> (bool, Option<String>, Option<String>) {
+    if containers_ready.status != "True" {
+        return (
+            false,
+            containers_ready.reason.clone(),
+            containers_ready.message.clone(),
+        );
+    }
+    match readiness_gates_unready(pod, conditions.iter().copied()) {
+        Some(m) => (false, Some(READINESS_GATES_NOT_READY.into()), Some(m)),
+        None => (true, None, None),
+    }
+}
+
+/// Whether the API's `Ready` condition of `pod` is not what its readiness gates and its
+/// `ContainersReady` now give, so that its worker must run again although only the status
+/// changed (upstream's `NeedToReconcilePodReadiness`: another controller set a gate's
+/// condition). Only a pod with readiness gates and a `Ready` condition the kubelet reported.
+pub fn needs_readiness_reconcile(pod: &Pod) -> bool {
+    if spec::spec(pod)
+        .readiness_gates
+        .as_ref()
+        .is_none_or(|g| g.is_empty())
+    {
+        return false;
+    }
+    let conds = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_deref())
+        .unwrap_or_default();
+    let find = |t: &str| conds.iter().find(|c| c.type_ == t);
+    let (Some(current), Some(containers_ready)) = (find("Ready"), find("ContainersReady")) else {
+        return false;
+    };
+    let others: Vec<&PodCondition> = conds.iter().filter(|c| c.type_ != "Ready").collect();
+    let (ok, _, message) = ready(pod, containers_ready, &others);
+    let status = if ok { "True" } else { "False" };
+    let msg = |m: Option<&str>| m.filter(|m| !m.is_empty()).map(str::to_string);
+    current.status != status || msg(current.message.as_deref()) != msg(message.as_deref())
+}
+
+/// The body of the strategic-merge patch of a pod's status subresource, as upstream's
+/// status manager patches: conditions merge by type, so the conditions of other controllers
+/// (readiness gates) are kept; only the kubelet's own are sent, and the fields they no
+/// longer have are deleted (null). `podIPs` (merged by IP) is replaced with
+/// `replace_ips`, which must be given only when the server has podIPs (the 1.20 API server
+/// stores the directive itself into an absent list). `uid` makes the patch apply only to
+/// that pod (not to a mirror pod, whose UID is its own).
+pub fn status_patch(status: &PodStatus, replace_ips: bool, uid: Option<&str>) -> serde_json::Value {
+    let mut st = serde_json::to_value(status).unwrap_or_default();
+    if let Some(o) = st.as_object_mut() {
+        if let Some(conds) = o.get_mut("conditions").and_then(|c| c.as_array_mut()) {
+            conds.retain(|c| {
+                c["type"]
+                    .as_str()
+                    .is_some_and(|t| KUBELET_CONDITIONS.contains(&t))
+            });
+            for c in conds.iter_mut().filter_map(|c| c.as_object_mut()) {
+                for field in ["reason", "message"] {
+                    c.entry(field).or_insert(serde_json::Value::Null);
+                }
+            }
+        }
+        if let Some(ips) = o
+            .get_mut("podIPs")
+            .and_then(|c| c.as_array_mut())
+            .filter(|_| replace_ips)
+        {
+            ips.push(serde_json::json!({"$patch": "replace"}));
+        }
+    }
+    match uid {
+        Some(uid) => serde_json::json!({ "metadata": { "uid": uid }, "status": st }),
+        None => serde_json::json!({ "status": st }),
+    }
+}
+
 fn is_succeeded(s: &ContainerStatus) -> bool {
     s.state
         .as_ref()
@@ -437,39 +568,44 @@ pub fn pod_status(pod: &Pod, obs: &Observed<'_>, previous: Option<&PodStatus>) -
     };
     let unready_msg =
         (!completed).then(|| format!("containers with unready status: [{}]", unready.join(" ")));
-    let mut conditions = vec![
-        condition(
-            "Initialized",
-            initialized,
-            Some("ContainersNotInitialized"),
-            Some(format!(
-                "containers with incomplete status: [{}]",
-                uninit.join(" ")
-            )),
-            prev_conds,
-            &now,
-        ),
-        condition(
-            "Ready",
-            unready.is_empty() && !completed,
-            Some(ready_reason),
-            unready_msg.clone(),
-            prev_conds,
-            &now,
-        ),
-        condition(
-            "ContainersReady",
-            unready.is_empty() && !completed,
-            Some(ready_reason),
-            unready_msg,
-            prev_conds,
-            &now,
-        ),
-    ];
-    match prev_conds.iter().find(|c| c.type_ == "PodScheduled") {
-        Some(c) => conditions.push(c.clone()),
-        None => conditions.push(condition("PodScheduled", true, None, None, &[], &now)),
-    }
+    let initialized = condition(
+        "Initialized",
+        initialized,
+        Some("ContainersNotInitialized"),
+        Some(format!(
+            "containers with incomplete status: [{}]",
+            uninit.join(" ")
+        )),
+        prev_conds,
+        &now,
+    );
+    let containers_ready = condition(
+        "ContainersReady",
+        unready.is_empty() && !completed,
+        Some(ready_reason),
+        unready_msg,
+        prev_conds,
+        &now,
+    );
+    let scheduled = match prev_conds.iter().find(|c| c.type_ == "PodScheduled") {
+        Some(c) => c.clone(),
+        None => condition("PodScheduled", true, None, None, &[], &now),
+    };
+    // The readiness gates' conditions are those other controllers set on the API's pod.
+    let others = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .filter(|c| !KUBELET_CONDITIONS.contains(&c.type_.as_str()));
+    let gate_conditions: Vec<&PodCondition> = [&initialized, &containers_ready, &scheduled]
+        .into_iter()
+        .chain(others)
+        .collect();
+    let (ok, reason, message) = ready(pod, &containers_ready, &gate_conditions);
+    let ready = condition("Ready", ok, reason.as_deref(), message, prev_conds, &now);
+    let conditions = vec![initialized, ready, containers_ready, scheduled];
     let pod_ips = if spec::host_network(pod) {
         vec![obs.host_ip.clone()]
             .into_iter()
@@ -493,7 +629,8 @@ pub fn pod_status(pod: &Pod, obs: &Observed<'_>, previous: Option<&PodStatus>) -
     }
 }
 
-/// Whether two statuses are the same for the API (ignoring fields the kubelet does not own).
+/// Whether two statuses are the same for the API (ignoring fields and conditions the kubelet
+/// does not own).
 pub fn same(a: &PodStatus, b: &PodStatus) -> bool {
     let norm = |s: &PodStatus| {
         let mut v = serde_json::to_value(s).unwrap_or_default();
@@ -515,6 +652,11 @@ pub fn same(a: &PodStatus, b: &PodStatus) -> bool {
                 )
             });
             if let Some(c) = o.get_mut("conditions").and_then(|c| c.as_array_mut()) {
+                c.retain(|c| {
+                    c["type"]
+                        .as_str()
+                        .is_some_and(|t| KUBELET_CONDITIONS.contains(&t))
+                });
                 c.sort_by(|x, y| x["type"].as_str().cmp(&y["type"].as_str()));
             }
         }
@@ -827,5 +969,194 @@ mod tests {
         let main = &s.container_statuses.as_ref().expect("statuses")[0];
         let w = main.state.as_ref().and_then(|s| s.waiting.as_ref());
         assert_eq!(w.and_then(|w| w.reason.as_deref()), Some("PodInitializing"));
+    }
+
+    fn gated_pod(gates: &[&str], conditions: serde_json::Value) -> Pod {
+        let gates: Vec<serde_json::Value> = gates
+            .iter()
+            .map(|g| serde_json::json!({"conditionType": g}))
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "uid": "u"},
+            "spec": {"readinessGates": gates, "containers": [{"name": "c", "image": "b"}]},
+            "status": {"conditions": conditions}
+        }))
+        .expect("pod")
+    }
+
+    fn full_cond(s: &PodStatus, t: &str) -> PodCondition {
+        s.conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == t)
+            .cloned()
+            .expect("condition")
+    }
+
+    #[test]
+    fn readiness_gates_decide_ready_once_the_containers_are() {
+        let c = inst("c", CriState::ContainerRunning, 0, 0, "c1");
+        let obs = Observed {
+            instances: HashMap::from([("c".into(), vec![&c])]),
+            sandbox_ready: true,
+            ..Default::default()
+        };
+        let gate = "dh.example/gate";
+        // No condition of the gate yet.
+        let p = gated_pod(&[gate], serde_json::json!([]));
+        let s = pod_status(&p, &obs, None);
+        assert_eq!(full_cond(&s, "ContainersReady").status, "True");
+        let r = full_cond(&s, "Ready");
+        assert_eq!(r.status, "False");
+        assert_eq!(r.reason.as_deref(), Some(READINESS_GATES_NOT_READY));
+        assert_eq!(
+            r.message.as_deref(),
+            Some(
+                "corresponding condition of pod readiness gate \"dh.example/gate\" does not exist."
+            )
+        );
+        // The kubelet reports only its own conditions.
+        assert!(
+            s.conditions
+                .iter()
+                .flatten()
+                .all(|c| KUBELET_CONDITIONS.contains(&c.type_.as_str()))
+        );
+        // The gate's condition False, and a second gate missing: both named.
+        let p = gated_pod(
+            &[gate, "dh.example/other"],
+            serde_json::json!([{"type": gate, "status": "False"}]),
+        );
+        let s = pod_status(&p, &obs, Some(&s));
+        assert_eq!(
+            full_cond(&s, "Ready").message.as_deref(),
+            Some(
+                "the status of pod readiness gate \"dh.example/gate\" is not \"True\", but False, \
+                 corresponding condition of pod readiness gate \"dh.example/other\" does not exist."
+            )
+        );
+        // True: Ready, with a new transition time.
+        let before = full_cond(&s, "Ready");
+        let p = gated_pod(
+            &[gate],
+            serde_json::json!([{"type": gate, "status": "True"}]),
+        );
+        let s = pod_status(&p, &obs, Some(&s));
+        let r = full_cond(&s, "Ready");
+        assert_eq!(
+            (r.status.as_str(), r.reason, r.message),
+            ("True", None, None)
+        );
+        assert!(r.last_transition_time >= before.last_transition_time);
+        // Unready containers win: Ready says what ContainersReady says.
+        let mut unready = obs.clone();
+        unready.probed = HashMap::from([(
+            "c".into(),
+            Probed {
+                started: true,
+                ready: false,
+            },
+        )]);
+        let s = pod_status(&p, &unready, Some(&s));
+        let r = full_cond(&s, "Ready");
+        assert_eq!(r.status, "False");
+        assert_eq!(r.reason.as_deref(), Some("ContainersNotReady"));
+        assert_eq!(
+            r.message.as_deref(),
+            Some("containers with unready status: [c]")
+        );
+    }
+
+    #[test]
+    fn a_gate_condition_set_by_another_controller_needs_a_reconcile() {
+        let gate = "dh.example/gate";
+        let kubelet_said = |ready: &str, message: Option<&str>| {
+            serde_json::json!([
+                {"type": "ContainersReady", "status": "True"},
+                {"type": "Ready", "status": ready, "message": message},
+            ])
+        };
+        let missing =
+            "corresponding condition of pod readiness gate \"dh.example/gate\" does not exist.";
+        // As the kubelet reported it: nothing to do.
+        let p = gated_pod(&[gate], kubelet_said("False", Some(missing)));
+        assert!(!needs_readiness_reconcile(&p));
+        // A controller set the gate's condition True.
+        let mut conds = kubelet_said("False", Some(missing));
+        conds
+            .as_array_mut()
+            .expect("array")
+            .push(serde_json::json!({"type": gate, "status": "True"}));
+        let p = gated_pod(&[gate], conds.clone());
+        assert!(needs_readiness_reconcile(&p));
+        // The kubelet then reported Ready: nothing more to do.
+        let mut done = kubelet_said("True", None);
+        done.as_array_mut()
+            .expect("array")
+            .push(serde_json::json!({"type": gate, "status": "True"}));
+        assert!(!needs_readiness_reconcile(&gated_pod(
+            &[gate],
+            done.clone()
+        )));
+        // The gate back to False.
+        done[2]["status"] = "False".into();
+        assert!(needs_readiness_reconcile(&gated_pod(&[gate], done)));
+        // Without gates, or before the kubelet reported Ready at all, never.
+        assert!(!needs_readiness_reconcile(&gated_pod(&[], conds)));
+        assert!(!needs_readiness_reconcile(&gated_pod(
+            &[gate],
+            serde_json::json!([{"type": gate, "status": "True"}])
+        )));
+    }
+
+    #[test]
+    fn the_status_patch_sends_only_the_kubelets_conditions() {
+        let c = inst("c", CriState::ContainerRunning, 0, 0, "c1");
+        let obs = Observed {
+            instances: HashMap::from([("c".into(), vec![&c])]),
+            sandbox_ready: true,
+            pod_ips: vec!["10.1.0.2".into()],
+            ..Default::default()
+        };
+        let gate = "dh.example/gate";
+        let p = gated_pod(
+            &[gate],
+            serde_json::json!([{"type": gate, "status": "True"}]),
+        );
+        let mut s = pod_status(&p, &obs, None);
+        // A status carrying another controller's condition (as the API gave it).
+        s.conditions.get_or_insert_default().push(PodCondition {
+            type_: gate.into(),
+            status: "True".into(),
+            ..Default::default()
+        });
+        let patch = status_patch(&s, true, Some("u"));
+        assert_eq!(patch["metadata"]["uid"], "u");
+        let conds = patch["status"]["conditions"]
+            .as_array()
+            .expect("conditions");
+        let types: Vec<&str> = conds.iter().filter_map(|c| c["type"].as_str()).collect();
+        assert_eq!(
+            types,
+            ["Initialized", "Ready", "ContainersReady", "PodScheduled"]
+        );
+        // Fields a condition no longer has are deleted, not left as the server had them.
+        let ready = &conds[1];
+        assert_eq!(ready["status"], "True");
+        assert!(ready["reason"].is_null() && ready["message"].is_null());
+        assert!(ready.as_object().is_some_and(|o| o.contains_key("reason")));
+        assert_eq!(
+            patch["status"]["podIPs"],
+            serde_json::json!([{"ip": "10.1.0.2"}, {"$patch": "replace"}])
+        );
+        let first = status_patch(&s, false, None);
+        assert!(first.get("metadata").is_none());
+        assert_eq!(
+            first["status"]["podIPs"],
+            serde_json::json!([{"ip": "10.1.0.2"}])
+        );
+        // Another controller's condition does not make the status differ.
+        let mine = pod_status(&p, &obs, Some(&s));
+        assert!(same(&s, &mine));
     }
 }

@@ -37,7 +37,6 @@ use k8s_openapi::api::core::v1::{Container, Pod, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
-use serde_json::json;
 use tokio::sync::{OnceCell, mpsc, watch};
 
 use super::hooks::{self, Hook};
@@ -167,6 +166,9 @@ pub struct PodWorker {
     probes: PodProbes,
     /// The pod's IP last seen (for hooks).
     pod_ip: String,
+    /// The last status patch was refused as invalid: the server's podIPs are not what
+    /// `last_status` says (a mirror pod made again), so the next patch assumes the opposite.
+    ips_doubt: bool,
 }
 
 /// What the runtime has of the pod.
@@ -247,6 +249,7 @@ impl PodWorker {
             phase: previous_phase,
             probes: PodProbes::default(),
             pod_ip: previous_ip,
+            ips_doubt: false,
         }
     }
 
@@ -1088,26 +1091,40 @@ impl PodWorker {
         }
         let (name, ns, uid) = spec::ids(&d.pod);
         let api: Api<Pod> = Api::namespaced(client.clone(), ns);
-        // A static pod's status goes to its mirror pod (same name, its own UID).
-        let patch = if d.source == Source::File {
-            json!({ "status": status })
-        } else {
-            json!({ "metadata": { "uid": uid }, "status": status })
-        };
+        // A static pod's status goes to its mirror pod (same name, its own UID). A strategic
+        // merge: the conditions other controllers set (readiness gates) are kept.
+        // The server has podIPs when the kubelet reported some (it alone writes them): those
+        // are replaced, not merged with the new ones.
+        let has_ips = self
+            .last_status
+            .as_ref()
+            .and_then(|s| s.pod_ips.as_ref())
+            .is_some_and(|ips| !ips.is_empty());
+        let patch = status::status_patch(
+            &status,
+            has_ips != self.ips_doubt,
+            (d.source != Source::File).then_some(uid),
+        );
         match api
-            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .patch_status(name, &PatchParams::default(), &Patch::Strategic(&patch))
             .await
         {
             Ok(_) => {
                 tracing::debug!(pod = %spec::full_name(&d.pod), phase = ?status.phase, "status patched");
                 self.last_status = Some(status);
+                self.ips_doubt = false;
                 Ok(())
             }
             Err(kube::Error::Api(s)) if s.code == 404 && d.source == Source::File => Ok(()),
-            Err(source) => Err(PodError::Api {
-                what: "patching the pod status",
-                source,
-            }),
+            Err(source) => {
+                if matches!(&source, kube::Error::Api(s) if s.code == 422) {
+                    self.ips_doubt = !self.ips_doubt;
+                }
+                Err(PodError::Api {
+                    what: "patching the pod status",
+                    source,
+                })
+            }
         }
     }
 
@@ -1416,6 +1433,7 @@ fn log_tail(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn inst(name: &str, state: cri::ContainerState, exit_code: i32) -> Instance {
         Instance {
