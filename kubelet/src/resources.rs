@@ -525,18 +525,20 @@ mod tests {
         assert_eq!(strings(&capacity(&machine(), None, 110, 10))["pods"], "20");
     }
 
+    /// A `systemReserved`/`kubeReserved` map from pairs.
+    fn reserve(pairs: &[(&str, &str)]) -> ResourceList {
+        parse_reservation(
+            &pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+        .expect("reservation")
+    }
+
     #[test]
     fn allocatable_subtracts_reservations_eviction_and_huge_pages() {
         let c = capacity(&machine(), Some(&fs()), 110, 0);
-        let reserve = |pairs: &[(&str, &str)]| {
-            parse_reservation(
-                &pairs
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            )
-            .expect("reservation")
-        };
         let system = reserve(&[("cpu", "100m"), ("memory", "100Mi"), ("pid", "100")]);
         let kube = reserve(&[("cpu", "200m"), ("ephemeral-storage", "1Gi")]);
         let eviction = parse_thresholds(&default_eviction_hard()).expect("thresholds");
@@ -672,15 +674,6 @@ mod tests {
     #[test]
     fn enforced_allocatable_keeps_the_eviction_threshold() {
         let c = internal_capacity(&capacity(&machine(), Some(&fs()), 110, 0), Some(32768));
-        let reserve = |pairs: &[(&str, &str)]| {
-            parse_reservation(
-                &pairs
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            )
-            .expect("reservation")
-        };
         let system = reserve(&[("cpu", "100m"), ("memory", "100Mi"), ("pid", "1000")]);
         let kube = reserve(&[("cpu", "400m"), ("memory", "50Mi")]);
         let a = allocatable_for_enforcement(&c, &system, &kube);
