@@ -17,6 +17,9 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, NodeCondition};
 use kube::api::{Api, DeleteParams, PostParams};
 
+mod support;
+use support::eventually;
+
 const CONFIG_HEAD: &str = "apiVersion: kubelet.config.k8s.io/v1beta1\nkind: KubeletConfiguration\n";
 /// Status every 2 s, lease of 8 s renewed every 2 s: fast enough for tests.
 const FAST: &str = "nodeStatusUpdateFrequency: 2s\nnodeLeaseDurationSeconds: 8\n";
@@ -182,27 +185,6 @@ impl Drop for Kubelet {
         if let Ok(Err(e)) = cleanup.join() {
             eprintln!("cleaning up node {}: {e:#}", self.name);
         }
-    }
-}
-
-/// Polls `check` every 200 ms until it returns `Some`, or fails after `limit` with the last
-/// reason it gave.
-async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<std::result::Result<T, String>>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        let last = match check().await {
-            Ok(Ok(v)) => return Ok(v),
-            Ok(Err(why)) => why,
-            Err(e) => format!("{e:#}"),
-        };
-        if Instant::now() > deadline {
-            bail!("{what}: not within {limit:?}; last: {last}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -632,17 +632,6 @@ async fn a_changed_image_restarts_the_container() -> Result<()> {
     bed.pass()
 }
 
-/// A pod condition's (status, reason, message).
-fn condition_of(p: &Pod, t: &str) -> Option<(String, Option<String>, Option<String>)> {
-    p.status
-        .as_ref()?
-        .conditions
-        .as_ref()?
-        .iter()
-        .find(|c| c.type_ == t)
-        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
-}
-
 /// Runs `cmd` in the pod's running container through the runtime, for its exit code.
 async fn exec_in(p: &Pod, cmd: &[&str]) -> Result<i32> {
     let id = p

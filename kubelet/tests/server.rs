@@ -9,21 +9,15 @@
 //! sandboxes of the node, force-deletes the pods and deletes the namespace, Node and Lease, also
 //! when the test failed.
 
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, ensure};
-use deckhand_proto::cri::runtime_service_client::RuntimeServiceClient;
-use deckhand_proto::cri::{
-    ListPodSandboxRequest, PodSandboxFilter, RemovePodSandboxRequest, StopPodSandboxRequest,
-};
 use deckhand_tests::testbed::{Testbed, unique_name};
-use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, ServiceAccount};
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
+use kube::api::{Api, PostParams};
 use serde_json::json;
 
 mod support;
@@ -309,81 +303,13 @@ impl Drop for Bed {
                 std::fs::read_to_string(self.log_path()).unwrap_or_default()
             );
         }
-        let (node, ns) = (self.node.clone(), self.ns.clone());
-        let cleanup = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async {
-                let removed = remove_node_sandboxes(&node).await;
-                let client = Testbed::get().kube_client().await?;
-                let force = DeleteParams {
-                    grace_period_seconds: Some(0),
-                    ..Default::default()
-                };
-                let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-                if let Ok(list) = pods.list(&ListParams::default()).await {
-                    for p in list {
-                        if let Some(n) = p.metadata.name {
-                            let _ = pods.delete(&n, &force).await;
-                        }
-                    }
-                }
-                let dp = DeleteParams::default();
-                let _ = Api::<Namespace>::all(client.clone()).delete(&ns, &dp).await;
-                let _ = Api::<Node>::all(client.clone()).delete(&node, &dp).await;
-                let _ = Api::<Lease>::namespaced(client, "kube-node-lease")
-                    .delete(&node, &dp)
-                    .await;
-                removed
-            })
-        });
-        match cleanup.join() {
-            Ok(Err(e)) => eprintln!("cleaning up node {}: {e:#}", self.node),
-            Err(_) => eprintln!("cleaning up node {}: panicked", self.node),
-            Ok(Ok(())) => {}
-        }
+        cleanup_node(&self.node, &self.ns);
         if let Err(e) =
             deckhand_cgroups::Manager::new(&self.cgroup_root()).and_then(|m| m.destroy(true))
         {
             eprintln!("removing the cgroup root {}: {e}", self.cgroup_root());
         }
     }
-}
-
-/// Stops and removes every sandbox the kubelet of `node` made, and the pods' cgroups.
-async fn remove_node_sandboxes(node: &str) -> Result<()> {
-    let channel = deckhand_proto::unix::connect_path(&cri_endpoint()).await?;
-    let mut cri = RuntimeServiceClient::new(channel);
-    let sandboxes = cri
-        .list_pod_sandbox(ListPodSandboxRequest {
-            filter: Some(PodSandboxFilter {
-                label_selector: HashMap::from([("deckhand.io/node".to_string(), node.to_string())]),
-                ..Default::default()
-            }),
-        })
-        .await?
-        .into_inner()
-        .items;
-    for s in sandboxes {
-        let _ = cri
-            .stop_pod_sandbox(StopPodSandboxRequest {
-                pod_sandbox_id: s.id.clone(),
-            })
-            .await;
-        cri.remove_pod_sandbox(RemovePodSandboxRequest {
-            pod_sandbox_id: s.id.clone(),
-        })
-        .await?;
-        if let Some(uid) = s.labels.get("io.kubernetes.pod.uid") {
-            for root in cgroup_roots() {
-                for qos in ["", "burstable/", "besteffort/"] {
-                    let _ = std::fs::remove_dir(root.join(format!("kubepods/{qos}pod{uid}")));
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Reads `child`'s stdout lines for `period` (or until `enough` lines), then kills it.

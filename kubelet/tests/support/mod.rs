@@ -38,7 +38,8 @@ pub fn busybox() -> String {
     format!("{}/{}", Testbed::get().registry(), BUSYBOX)
 }
 
-/// Stops and removes every sandbox the kubelet of `node` made, and the pods' cgroups.
+/// Stops and removes every sandbox the kubelet of `node` made (the pods' cgroups go with the
+/// bed's own cgroupRoot).
 pub async fn remove_node_sandboxes(node: &str) -> Result<()> {
     let mut cri = runtime().await?;
     let sandboxes = cri
@@ -61,29 +62,49 @@ pub async fn remove_node_sandboxes(node: &str) -> Result<()> {
             pod_sandbox_id: s.id.clone(),
         })
         .await?;
-        if let Some(uid) = s.labels.get("io.kubernetes.pod.uid") {
-            for root in cgroup_roots() {
-                for qos in ["", "burstable/", "besteffort/"] {
-                    let _ = std::fs::remove_dir(root.join(format!("kubepods/{qos}pod{uid}")));
-                }
-            }
-        }
     }
     Ok(())
 }
 
-pub fn cgroup_roots() -> Vec<PathBuf> {
-    let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    mi.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            let sep = f.iter().position(|x| *x == "-")?;
-            matches!(f.get(sep + 1), Some(&"cgroup") | Some(&"cgroup2"))
-                .then(|| PathBuf::from(f[4]))
+/// Removes what a test kubelet of `node` leaves in the runtime and the API server: its
+/// sandboxes, the pods of `ns` (forced), `ns` itself, the Node and its Lease. From a thread
+/// with a runtime of its own, so that it can run in a `Drop` of a test's runtime.
+pub fn cleanup_node(node: &str, ns: &str) {
+    let (n, ns) = (node.to_string(), ns.to_string());
+    let cleanup = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let removed = remove_node_sandboxes(&n).await;
+            let client = Testbed::get().kube_client().await?;
+            let force = DeleteParams {
+                grace_period_seconds: Some(0),
+                ..Default::default()
+            };
+            let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+            if let Ok(list) = pods.list(&ListParams::default()).await {
+                for p in list {
+                    if let Some(name) = p.metadata.name {
+                        let _ = pods.delete(&name, &force).await;
+                    }
+                }
+            }
+            // Mirror pods of static pods live in the manifest's namespace (the test's).
+            let dp = DeleteParams::default();
+            let _ = Api::<Namespace>::all(client.clone()).delete(&ns, &dp).await;
+            let _ = Api::<Node>::all(client.clone()).delete(&n, &dp).await;
+            let _ = Api::<Lease>::namespaced(client, "kube-node-lease")
+                .delete(&n, &dp)
+                .await;
+            removed
         })
-        .collect()
+    });
+    match cleanup.join() {
+        Ok(Err(e)) => eprintln!("cleaning up node {node}: {e:#}"),
+        Err(_) => eprintln!("cleaning up node {node}: panicked"),
+        Ok(Ok(())) => {}
+    }
 }
 
 pub async fn runtime() -> Result<RuntimeServiceClient<tonic::transport::Channel>> {
@@ -119,13 +140,18 @@ pub fn phase(p: &Pod) -> &str {
 }
 
 pub fn condition(p: &Pod, t: &str) -> Option<String> {
+    condition_of(p, t).map(|c| c.0)
+}
+
+/// A pod condition's (status, reason, message).
+pub fn condition_of(p: &Pod, t: &str) -> Option<(String, Option<String>, Option<String>)> {
     p.status
         .as_ref()?
         .conditions
         .as_ref()?
         .iter()
         .find(|c| c.type_ == t)
-        .map(|c| c.status.clone())
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
 /// Unmounts every mount point beneath `dir`, deepest first.
@@ -366,41 +392,7 @@ impl Drop for Bed {
                 self.log()
             );
         }
-        let (node, ns) = (self.node.clone(), self.ns.clone());
-        let cleanup = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async {
-                let removed = remove_node_sandboxes(&node).await;
-                let client = Testbed::get().kube_client().await?;
-                let force = DeleteParams {
-                    grace_period_seconds: Some(0),
-                    ..Default::default()
-                };
-                let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-                if let Ok(list) = pods.list(&ListParams::default()).await {
-                    for p in list {
-                        if let Some(n) = p.metadata.name {
-                            let _ = pods.delete(&n, &force).await;
-                        }
-                    }
-                }
-                // Mirror pods of static pods live in the manifest's namespace (the test's).
-                let dp = DeleteParams::default();
-                let _ = Api::<Namespace>::all(client.clone()).delete(&ns, &dp).await;
-                let _ = Api::<Node>::all(client.clone()).delete(&node, &dp).await;
-                let _ = Api::<Lease>::namespaced(client, "kube-node-lease")
-                    .delete(&node, &dp)
-                    .await;
-                removed
-            })
-        });
-        match cleanup.join() {
-            Ok(Err(e)) => eprintln!("cleaning up node {}: {e:#}", self.node),
-            Err(_) => eprintln!("cleaning up node {}: panicked", self.node),
-            Ok(Ok(())) => {}
-        }
+        cleanup_node(&self.node, &self.ns);
         // The pods' cgroups and whatever is left in them (this test's only), then the root.
         if let Err(e) =
             deckhand_cgroups::Manager::new(&self.cgroup_root).and_then(|m| m.destroy(true))
