@@ -26,7 +26,7 @@
 //!   run, pods, healthz) with x509/TokenReview authentication and Webhook authorization.
 //!
 //! Standalone mode (no `--kubeconfig`) runs static pods only. Not implemented yet (see the
-//! kubelet issue): sidecars, gRPC probes, PVC/CSI volumes, eviction of pods, critical-pod
+//! kubelet issue): PVC/CSI volumes (refused at admission), eviction of pods, critical-pod
 //! preemption.
 
 pub mod cgroups;
