@@ -791,6 +791,279 @@ fn monitor_reports_an_oom_kill_under_a_memory_limit() {
     assert_eq!(ex["exitCode"], 137, "{ex}");
 }
 
+/// Starts `deckhand-monitor --report` for `b` in `root`; returns it (stdout piped) with the
+/// init's pid from its report, the log path and the exit file.
+fn start_monitor(
+    root: &Root,
+    b: &Bundle,
+    id: &str,
+) -> (std::process::Child, i64, PathBuf, PathBuf) {
+    use std::io::BufRead as _;
+    let log = root.dir.with_extension(format!("{id}.log"));
+    let exit = root.dir.with_extension(format!("{id}.json"));
+    let mut child = Command::new(MONITOR)
+        .args([
+            "--root",
+            root.dir.to_str().expect("utf8"),
+            "--bundle",
+            b.dir.to_str().expect("utf8"),
+            "--id",
+            id,
+        ])
+        .args([
+            "--log-path",
+            log.to_str().expect("utf8"),
+            "--exit-file",
+            exit.to_str().expect("utf8"),
+            "--report",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("monitor");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("report");
+    let report: Value = serde_json::from_str(line.trim()).unwrap_or(Value::Null);
+    let pid = report["pid"].as_i64().unwrap_or(0);
+    (child, pid, log, exit)
+}
+
+/// Waits for a monitor and returns its exit file (removing it and the log).
+fn finish_monitor(child: std::process::Child, log: &Path, exit: &Path) -> (String, Value) {
+    let o = child.wait_with_output().expect("wait monitor");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let ex: Value = serde_json::from_slice(&std::fs::read(exit).expect("exit file")).expect("json");
+    let _ = (std::fs::remove_file(log), std::fs::remove_file(exit));
+    (text, ex)
+}
+
+/// Once the container has started, the monitor re-executes itself into its supervise image:
+/// same pid and still the init's parent, a command line naming the root, the id and the log,
+/// nothing of the create phase left open; it still copies output into the log, reopens it on
+/// SIGUSR1 and writes the exit record.
+#[test]
+fn monitor_supervises_from_a_fresh_image() {
+    let b = Bundle::new(
+        &[
+            "sh",
+            "-c",
+            "echo one; while [ ! -e /tmp/dh-go ]; do sleep 0.05; done; echo two >&2; exit 5",
+        ],
+        |_| {},
+    );
+    let root = Root::new();
+    let id = unique_name("sup");
+    let (child, init, log, exit) = start_monitor(&root, &b, &id);
+    assert!(init > 0, "no report from the monitor");
+    let mpid = child.id();
+    let mut cmdline = String::new();
+    for _ in 0..200 {
+        cmdline = std::fs::read(format!("/proc/{mpid}/cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .unwrap_or_default();
+        if cmdline.contains(" --supervise ") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(cmdline.contains(" --supervise "), "{cmdline}");
+    for want in [
+        format!("--root {}", root.dir.display()),
+        format!("--id {id}"),
+        format!("--log-path {}", log.display()),
+        format!("--init {init}"),
+    ] {
+        assert!(cmdline.contains(&want), "{want:?} not in {cmdline}");
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{init}/stat")).expect("init stat");
+    let ppid = stat[stat.rfind(')').expect("comm") + 2..]
+        .split(' ')
+        .nth(1)
+        .expect("ppid");
+    assert_eq!(
+        ppid,
+        mpid.to_string(),
+        "the init is still the monitor's child"
+    );
+    // Only what supervising needs is open: nothing leads into the bundle or the state dir
+    // (exec.fifo, config.json), no sealed copy of the binary, no console socket.
+    for e in std::fs::read_dir(format!("/proc/{mpid}/fd"))
+        .expect("fds")
+        .flatten()
+    {
+        let target = std::fs::read_link(e.path()).unwrap_or_default();
+        let t = target.to_string_lossy();
+        assert!(
+            !t.starts_with(&format!("{}/", b.dir.display()))
+                && !t.starts_with(&format!("{}/", root.dir.display()))
+                && !t.contains("memfd:")
+                && !t.starts_with("socket:"),
+            "fd {:?} -> {t} survived the exec",
+            e.file_name()
+        );
+    }
+    // ReopenContainerLog after the exec: the kubelet renames the log, signals, expects a new one.
+    let rotated = log.with_extension("log.1");
+    std::fs::rename(&log, &rotated).expect("rotate");
+    // SAFETY: signalling the monitor this test started.
+    assert_eq!(unsafe { libc::kill(mpid as i32, libc::SIGUSR1) }, 0);
+    for _ in 0..200 {
+        if log.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(log.exists(), "the log was not reopened after SIGUSR1");
+    std::fs::write(b.rootfs().join("tmp/dh-go"), b"").expect("go");
+    let (text, ex) = finish_monitor(child, &log, &exit);
+    let old = std::fs::read_to_string(&rotated).expect("rotated log");
+    let _ = std::fs::remove_file(&rotated);
+    assert!(old.contains(" stdout F one\n"), "{old}");
+    assert!(text.contains(" stderr F two\n"), "{text}");
+    assert_eq!(ex["exitCode"], 5, "{ex}");
+    assert_eq!(ex["pid"], init, "{ex}");
+    assert_eq!(ex["oomKilled"], false, "{ex}");
+}
+
+/// A container that exits at once, while its monitor is still re-executing itself: its
+/// SIGCHLD waits for the new image, which reaps it and records its exit code and output.
+#[test]
+fn monitor_records_a_container_that_exits_at_once() {
+    let b = Bundle::new(&["sh", "-c", "echo bye; exit 42"], |_| {});
+    let t = Bundle::new(&["true"], |_| {});
+    let root = Root::new();
+    for i in 0..5 {
+        let id = unique_name("quick");
+        let (child, init, log, exit) = start_monitor(&root, &b, &id);
+        assert!(init > 0, "attempt {i}: no report");
+        let (text, ex) = finish_monitor(child, &log, &exit);
+        assert_eq!(ex["exitCode"], 42, "attempt {i}: {ex}");
+        assert!(text.contains(" stdout F bye\n"), "attempt {i}: {text}");
+        let id = unique_name("true");
+        let (child, init, log, exit) = start_monitor(&root, &t, &id);
+        assert!(init > 0, "attempt {i}: no report");
+        let (_, ex) = finish_monitor(child, &log, &exit);
+        assert_eq!(ex["exitCode"], 0, "attempt {i}: {ex}");
+        assert_eq!(ex["pid"], init, "attempt {i}: {ex}");
+    }
+}
+
+/// The internal `--supervise` mode checks what it is given and says what is wrong.
+#[test]
+fn monitor_supervise_mode_refuses_bad_input() {
+    use std::os::fd::AsRawFd as _;
+    use std::os::unix::process::CommandExt as _;
+    let root = Root::new();
+    std::fs::create_dir_all(root.dir.join("dhsup")).expect("state dir");
+    let log = root.dir.with_extension("sup.log");
+    let lf = std::fs::File::create(&log).expect("log");
+    let (r, w) = std::io::pipe().expect("pipe");
+    // In the monitor: 20 and 23 the pipe's read end, 21 its write end, 22 a file.
+    let fds = [
+        (r.as_raw_fd(), 20),
+        (w.as_raw_fd(), 21),
+        (lf.as_raw_fd(), 22),
+        (r.as_raw_fd(), 23),
+    ];
+    let dir = root.dir.to_str().expect("utf8");
+    let run = |id: &str, extra: &[&str]| {
+        let mut c = Command::new(MONITOR);
+        c.args(["--supervise", "--root", dir, "--id", id])
+            .args(["--log-path", "/dev/null", "--exit-file", "/dev/null"])
+            .args(extra)
+            .stdin(Stdio::null());
+        // SAFETY: only dup2 between fork and exec (it leaves the copies inheritable).
+        unsafe {
+            c.pre_exec(move || {
+                for (from, to) in fds {
+                    if libc::dup2(from, to) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let o = c.output().expect("monitor");
+        assert_eq!(o.status.code(), Some(1), "{extra:?}");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    // (id, arguments, what the error says); `OK` the valid descriptors.
+    const OK: &str = "--log-fd 22 --stdout-fd 20 --stderr-fd 23";
+    let cases = [
+        (
+            "dhsup",
+            "--bogus 1".to_string(),
+            "unknown argument \"--bogus\"",
+        ),
+        ("dhsup", "--init".into(), "--init needs a value"),
+        ("dhsup", "--id dhsup".into(), "--id given twice"),
+        ("dh/sup", "".into(), "--id \"dh/sup\" is not a container id"),
+        ("dhnone", "".into(), "holds no container \"dhnone\""),
+        ("dhsup", OK.into(), "--init is required"),
+        ("dhsup", "--init x".into(), "--init \"x\" is not a pid"),
+        (
+            "dhsup",
+            "--init 1 --log-fd 2".into(),
+            "--log-fd 2: stdin, stdout and stderr",
+        ),
+        (
+            "dhsup",
+            "--init 1 --log-fd 20".into(),
+            "--log-fd 20: not a file open for writing",
+        ),
+        (
+            "dhsup",
+            "--init 1 --log-fd 22 --stdout-fd 20".into(),
+            "either --stdout-fd",
+        ),
+        (
+            "dhsup",
+            "--init 1 --log-fd 22 --stdout-fd 20 --stderr-fd 77".into(),
+            "--stderr-fd 77: not an open descriptor",
+        ),
+        (
+            "dhsup",
+            "--init 1 --log-fd 22 --stdout-fd 21 --stderr-fd 20".into(),
+            "--stdout-fd 21: not the read end of a pipe",
+        ),
+        (
+            "dhsup",
+            "--init 1 --log-fd 22 --tty-fd 20".into(),
+            "--tty-fd 20: not a terminal",
+        ),
+        (
+            "dhsup",
+            "--init 1 --log-fd 22 --stdout-fd 20 --stderr-fd 20".into(),
+            "descriptor 20 given twice",
+        ),
+        (
+            "dhsup",
+            format!("--init 1 {OK} --listen-fd 21"),
+            "--attach-socket and --listen-fd",
+        ),
+        (
+            "dhsup",
+            format!("--init 1 {OK} --stdin-fd 20"),
+            "--stdin-fd 20: not the write end",
+        ),
+        (
+            "dhsup",
+            format!("--init 1 {OK} --stdin-fd 21"),
+            "--init 1: not a child of this process",
+        ),
+    ];
+    for (id, args, want) in cases {
+        let args: Vec<&str> = args.split_whitespace().collect();
+        let err = run(id, &args);
+        assert!(err.contains(want), "{args:?}: {err:?} lacks {want:?}");
+    }
+    let _ = std::fs::remove_file(&log);
+}
+
 /// Reads a pty master until the slave side is gone (EIO).
 fn read_pty(master: std::os::fd::OwnedFd) -> String {
     use std::io::Read;

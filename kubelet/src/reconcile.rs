@@ -71,10 +71,12 @@ pub trait Reconciler: Send {
 pub async fn run<R: Reconciler>(mut reconciler: R, trigger: Trigger, shutdown: CancellationToken) {
     loop {
         let timeout = reconciler.timeout();
+        // Boxed: a reconcile's state machine (a pod worker's is tens of KiB) then lives only
+        // while it runs, not for as long as the reconciler waits between runs.
         let outcome = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            r = tokio::time::timeout(timeout, reconciler.reconcile()) => r,
+            r = tokio::time::timeout(timeout, Box::pin(reconciler.reconcile())) => r,
         };
         let action = match outcome {
             Ok(Ok(action)) => action,

@@ -7,6 +7,7 @@
 //!
 //! ```text
 //! deckhand-monitor --root DIR --bundle DIR --id ID --log-path FILE [--exit-file FILE] [--pid-file FILE] [--report]
+//!                  [--attach-socket PATH [--stdin [--stdin-once]]]
 //! deckhand-monitor --hold-pidns
 //! ```
 //! With `--report` it prints `{"pid":N,"startedAt":"RFC3339Nano"}` (the container's init) on
@@ -20,6 +21,30 @@
 //! The exit file (default `<root>/<id>/exit.json`) holds
 //! `{"exitCode":N,"finishedAt":"RFC3339Nano","oomKilled":BOOL,"pid":P}` (`oomKilled` from the
 //! container cgroup's OOM-kill counter).
+//!
+//! # The supervise image
+//!
+//! Creating a container leaves its marks on the monitor's private memory (the heap of parsing
+//! `config.json`, compiling seccomp, setting up cgroups and mounts; deep stack frames), which
+//! `malloc_trim` cannot give back, and one monitor runs per container. So once the container
+//! has started and the caller has been told, the monitor executes its own (sealed, see
+//! `oci::sealed`) binary again in an internal mode, keeping its pid, its session, its children
+//! (the container's init), its subreaper flag and its blocked, pending signals (a SIGCHLD of an
+//! init that exits meanwhile is waiting for the new image; so is a SIGUSR1):
+//!
+//! ```text
+//! deckhand-monitor --supervise --root DIR --id ID --log-path FILE --exit-file FILE --init PID
+//!                  --log-fd FD (--stdout-fd FD --stderr-fd FD | --tty-fd FD)
+//!                  [--attach-socket PATH --listen-fd FD] [--stdin-fd FD] [--stdin-once]
+//! ```
+//! The descriptors are the ones the create image opened (the log file, the container's output
+//! pipes or terminal master, the attach listener, the container's stdin), the only ones it
+//! hands over without `FD_CLOEXEC`; the new image checks each (open, of the right kind,
+//! distinct, not stdio) and that the init is its child, then supervises and writes the exit file
+//! as the create image would have. Nobody runs this mode by hand: `deckhand-cri` and scripts only
+//! see it in the monitor's command line, which still names the root, the id and the log. If the
+//! exec fails the create image supervises itself (a warning on stderr): the container is never
+//! lost.
 
 use std::fs::File;
 use std::io::Write as _;
@@ -153,8 +178,14 @@ fn hold_pidns() -> Result<(), String> {
 }
 
 fn run() -> Result<(), String> {
-    if std::env::args().nth(1).as_deref() == Some("--hold-pidns") {
-        return hold_pidns();
+    match std::env::args_os()
+        .nth(1)
+        .as_deref()
+        .and_then(|a| a.to_str())
+    {
+        Some("--hold-pidns") => return hold_pidns(),
+        Some("--supervise") => return run_supervise(),
+        _ => {}
     }
     let args = parse_args()?;
     // Our own session: a signal to the caller's process group must not reach us.
@@ -168,20 +199,10 @@ fn run() -> Result<(), String> {
             std::io::Error::last_os_error()
         ));
     }
-    // SIGCHLD through a signalfd, so one poll(2) covers the pipes and the child.
-    // SAFETY: sigset manipulation on a local set.
-    let sfd = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGCHLD);
-        libc::sigaddset(&mut set, libc::SIGUSR1);
-        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK)
-    };
-    if sfd < 0 {
-        return Err(format!("signalfd: {}", std::io::Error::last_os_error()));
-    }
-    let mut log = std::fs::OpenOptions::new()
+    // SIGCHLD through a signalfd, so one poll(2) covers the pipes and the child. Blocked from
+    // here on, also across the exec into the supervise image.
+    let sfd = signalfd()?;
+    let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&args.log_path)
@@ -240,17 +261,19 @@ fn run() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     drop((out_w, err_w, null, stdin_pipe));
     // The terminal: output and input go through the master.
-    let mut out_fd = out_r;
-    if let Some((path, l)) = console {
-        let master = receive_master(&l).map_err(|e| format!("receiving the terminal: {e}"));
-        let _ = std::fs::remove_file(&path);
-        let master = master?;
-        hub.tty = Some(master.as_raw_fd());
-        if args.stdin {
-            hub.stdin = Some(master.try_clone().map_err(|e| format!("terminal: {e}"))?);
+    let (out, err) = match console {
+        Some((path, l)) => {
+            let master = receive_master(&l).map_err(|e| format!("receiving the terminal: {e}"));
+            let _ = std::fs::remove_file(&path);
+            let master = master?;
+            hub.tty = Some(master.as_raw_fd());
+            if args.stdin {
+                hub.stdin = Some(master.try_clone().map_err(|e| format!("terminal: {e}"))?);
+            }
+            (master, None)
         }
-        out_fd = master;
-    }
+        None => (out_r, Some(err_r)),
+    };
     for w in &created.warnings {
         eprintln!("deckhand-monitor: warning: {w}");
     }
@@ -271,38 +294,444 @@ fn run() -> Result<(), String> {
             }
         }
     }
-    trim_rss();
     let exit_file = args
         .exit_file
         .clone()
         .unwrap_or_else(|| args.root.join(&args.id).join("exit.json"));
-    let code = supervise(
-        created.pid,
-        sfd,
-        [
-            out_fd.as_raw_fd(),
-            if terminal { -1 } else { err_r.as_raw_fd() },
-        ],
-        &mut log,
-        &args.log_path,
-        &mut hub,
-    )?;
-    hub.clients.clear();
-    if let Some(p) = &args.attach_socket {
-        let _ = std::fs::remove_file(p);
-    }
-    // Read before anything destroys the cgroup (the counter lives in it).
-    let oom = rt
-        .cgroup(&args.id)
-        .ok()
-        .flatten()
-        .is_some_and(|m| m.oom_killed().unwrap_or(false));
-    let rec = format!(
-        "{{\"exitCode\":{code},\"finishedAt\":\"{}\",\"oomKilled\":{oom},\"pid\":{}}}",
-        oci::time::now(),
-        created.pid
+    let sup = Supervision {
+        init: created.pid,
+        root: args.root,
+        id: args.id,
+        log_path: args.log_path,
+        log,
+        exit_file,
+        out,
+        err,
+        attach_socket: args.attach_socket,
+        hub,
+    };
+    drop((rt, created, opts));
+    // Supervise from a fresh image of this binary: what creating the container left in our
+    // heap and stack is gone with the old one. Returns only if the exec failed.
+    let e = sup.reexec();
+    eprintln!(
+        "deckhand-monitor: warning: re-executing to supervise: {e}; supervising in this image"
     );
-    oci::state::write_atomic(&exit_file, rec.as_bytes()).map_err(|e| e.to_string())
+    trim_rss();
+    sup.run(sfd.as_raw_fd())
+}
+
+/// Blocks SIGCHLD and SIGUSR1 (already blocked in the supervise image: the mask survives
+/// execve, as do pending signals) and returns a signalfd for them.
+fn signalfd() -> Result<OwnedFd, String> {
+    // SAFETY: sigset manipulation on a local set.
+    let sfd = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
+        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK)
+    };
+    if sfd < 0 {
+        return Err(format!("signalfd: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(sfd) })
+}
+
+/// `--supervise`: the image the create image execs into once the container runs.
+fn run_supervise() -> Result<(), String> {
+    // Normally a no-op: we were executed from the sealed file. Someone running this mode from
+    // a writable binary gets the same protection (the descriptors survive that exec too).
+    oci::sealed::ensure_sealed().map_err(|e| format!("re-executing from a sealed copy: {e}"))?;
+    let sup = Supervision::from_args(std::env::args_os().skip(2))
+        .map_err(|e| format!("--supervise: {e}"))?;
+    // Preserved across execve; set again should it ever not be.
+    let mut reaper: libc::c_int = 0;
+    // SAFETY: plain prctls; the result pointer is valid.
+    unsafe {
+        if libc::prctl(
+            libc::PR_GET_CHILD_SUBREAPER,
+            &mut reaper as *mut libc::c_int,
+        ) < 0
+            || reaper == 0
+        {
+            libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+        }
+    }
+    let sfd = signalfd()?;
+    trim_rss();
+    sup.run(sfd.as_raw_fd())
+}
+
+/// Everything supervising a started container needs: what the create image hands to the
+/// supervise image (as arguments and inherited descriptors).
+struct Supervision {
+    /// The container's init, our child.
+    init: i32,
+    /// The runtime's state root and the container's id (its cgroup, for the OOM flag).
+    root: PathBuf,
+    id: String,
+    log_path: PathBuf,
+    log: File,
+    exit_file: PathBuf,
+    /// The container's stdout pipe, or its terminal master.
+    out: OwnedFd,
+    /// The container's stderr pipe; none with a terminal.
+    err: Option<OwnedFd>,
+    attach_socket: Option<PathBuf>,
+    /// The attach listener, the container's stdin, stdin-once and the terminal.
+    hub: attach::Hub,
+}
+
+impl Supervision {
+    /// The descriptors handed over.
+    fn fds(&self) -> Vec<RawFd> {
+        let mut fds = vec![self.log.as_raw_fd(), self.out.as_raw_fd()];
+        fds.extend(self.err.as_ref().map(|f| f.as_raw_fd()));
+        fds.extend(self.hub.listener.as_ref().map(|f| f.as_raw_fd()));
+        fds.extend(self.hub.stdin.as_ref().map(|f| f.as_raw_fd()));
+        fds
+    }
+
+    /// The supervise image's command line (after `argv[0]` and `--supervise`).
+    fn to_args(&self) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = Vec::new();
+        let mut kv = |k: &str, v: &std::ffi::OsStr| {
+            a.push(k.into());
+            a.push(v.to_owned());
+        };
+        let fd = |f: RawFd| std::ffi::OsString::from(f.to_string());
+        kv("--root", self.root.as_os_str());
+        kv("--id", self.id.as_ref());
+        kv("--log-path", self.log_path.as_os_str());
+        kv("--exit-file", self.exit_file.as_os_str());
+        kv("--init", &fd(self.init));
+        kv("--log-fd", &fd(self.log.as_raw_fd()));
+        match &self.err {
+            Some(err) => {
+                kv("--stdout-fd", &fd(self.out.as_raw_fd()));
+                kv("--stderr-fd", &fd(err.as_raw_fd()));
+            }
+            None => kv("--tty-fd", &fd(self.out.as_raw_fd())),
+        }
+        if let (Some(p), Some(l)) = (&self.attach_socket, &self.hub.listener) {
+            kv("--attach-socket", p.as_os_str());
+            kv("--listen-fd", &fd(l.as_raw_fd()));
+        }
+        if let Some(s) = &self.hub.stdin {
+            kv("--stdin-fd", &fd(s.as_raw_fd()));
+        }
+        if self.hub.stdin_once {
+            a.push("--stdin-once".into());
+        }
+        a
+    }
+
+    /// Execs `deckhand-monitor --supervise …` with only our descriptors inheritable. Returns
+    /// only on error, with the descriptors close-on-exec again.
+    fn reexec(&self) -> std::io::Error {
+        use std::os::unix::ffi::OsStringExt as _;
+        let fds = self.fds();
+        let mut args = vec![
+            std::env::args_os()
+                .next()
+                .unwrap_or_else(|| "deckhand-monitor".into()),
+            "--supervise".into(),
+        ];
+        args.extend(self.to_args());
+        let args: Result<Vec<_>, _> = args
+            .into_iter()
+            .map(|a| std::ffi::CString::new(a.into_vec()))
+            .collect();
+        let e = match args {
+            Ok(args) => match set_cloexec(&fds, false) {
+                Ok(()) => oci::sealed::reexec(&args),
+                Err(e) => e,
+            },
+            Err(e) => std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+        };
+        let _ = set_cloexec(&fds, true);
+        e
+    }
+
+    /// Parses and checks `--supervise`'s arguments; takes the descriptors only once everything
+    /// is valid (bad input closes nothing).
+    fn from_args(
+        mut args: impl Iterator<Item = std::ffi::OsString>,
+    ) -> Result<Supervision, String> {
+        use std::ffi::OsString;
+        #[derive(Default)]
+        struct Raw {
+            root: Option<OsString>,
+            id: Option<OsString>,
+            log_path: Option<OsString>,
+            exit_file: Option<OsString>,
+            init: Option<OsString>,
+            log_fd: Option<OsString>,
+            out_fd: Option<OsString>,
+            err_fd: Option<OsString>,
+            tty_fd: Option<OsString>,
+            attach_socket: Option<OsString>,
+            listen_fd: Option<OsString>,
+            stdin_fd: Option<OsString>,
+        }
+        let mut r = Raw::default();
+        let mut stdin_once = false;
+        while let Some(a) = args.next() {
+            let k = a.to_string_lossy().into_owned();
+            let slot = match k.as_str() {
+                "--stdin-once" => {
+                    stdin_once = true;
+                    continue;
+                }
+                "--root" => &mut r.root,
+                "--id" => &mut r.id,
+                "--log-path" => &mut r.log_path,
+                "--exit-file" => &mut r.exit_file,
+                "--init" => &mut r.init,
+                "--log-fd" => &mut r.log_fd,
+                "--stdout-fd" => &mut r.out_fd,
+                "--stderr-fd" => &mut r.err_fd,
+                "--tty-fd" => &mut r.tty_fd,
+                "--attach-socket" => &mut r.attach_socket,
+                "--listen-fd" => &mut r.listen_fd,
+                "--stdin-fd" => &mut r.stdin_fd,
+                _ => return Err(format!("unknown argument {k:?}")),
+            };
+            let v = args.next().ok_or(format!("{k} needs a value"))?;
+            if slot.replace(v).is_some() {
+                return Err(format!("{k} given twice"));
+            }
+        }
+        let need = |v: Option<OsString>, k: &str| v.ok_or(format!("{k} is required"));
+        let root = PathBuf::from(need(r.root, "--root")?);
+        let id = need(r.id, "--id")?
+            .into_string()
+            .map_err(|v| format!("--id {v:?} is not UTF-8"))?;
+        if id.is_empty() || id.starts_with('.') || id.contains('/') {
+            return Err(format!("--id {id:?} is not a container id"));
+        }
+        if !root.join(&id).is_dir() {
+            return Err(format!(
+                "--root {} holds no container {id:?}",
+                root.display()
+            ));
+        }
+        let log_path = PathBuf::from(need(r.log_path, "--log-path")?);
+        let exit_file = PathBuf::from(need(r.exit_file, "--exit-file")?);
+        let init = need(r.init, "--init")?;
+        let init = init
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+            .filter(|p| *p > 0)
+            .ok_or(format!("--init {init:?} is not a pid"))?;
+        let log_fd = check_fd("--log-fd", need(r.log_fd, "--log-fd")?, FdKind::Log)?;
+        let (out_fd, err_fd) = match (r.out_fd, r.err_fd, r.tty_fd) {
+            (Some(o), Some(e), None) => (
+                check_fd("--stdout-fd", o, FdKind::Output)?,
+                Some(check_fd("--stderr-fd", e, FdKind::Output)?),
+            ),
+            (None, None, Some(t)) => (check_fd("--tty-fd", t, FdKind::Terminal)?, None),
+            _ => return Err("either --stdout-fd and --stderr-fd, or --tty-fd".into()),
+        };
+        let terminal = err_fd.is_none();
+        let (attach_socket, listen_fd) = match (r.attach_socket, r.listen_fd) {
+            (Some(p), Some(l)) => (
+                Some(PathBuf::from(p)),
+                Some(check_fd("--listen-fd", l, FdKind::Listener)?),
+            ),
+            (None, None) => (None, None),
+            _ => return Err("--attach-socket and --listen-fd go together".into()),
+        };
+        let stdin_kind = if terminal {
+            FdKind::Terminal
+        } else {
+            FdKind::Input
+        };
+        let stdin_fd = r
+            .stdin_fd
+            .map(|s| check_fd("--stdin-fd", s, stdin_kind))
+            .transpose()?;
+        let mut all = vec![log_fd, out_fd];
+        all.extend(err_fd.into_iter().chain(listen_fd).chain(stdin_fd));
+        for (i, fd) in all.iter().enumerate() {
+            if all[..i].contains(fd) {
+                return Err(format!("descriptor {fd} given twice"));
+            }
+        }
+        // SAFETY: siginfo_t is plain data.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid siginfo buffer; WNOWAIT leaves a zombie child for the supervise loop.
+        if unsafe {
+            libc::waitid(
+                libc::P_PID,
+                init as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        } < 0
+        {
+            return Err(format!(
+                "--init {init}: not a child of this process ({})",
+                std::io::Error::last_os_error()
+            ));
+        }
+        set_cloexec(&all, true).map_err(|e| format!("FD_CLOEXEC: {e}"))?;
+        // SAFETY: checked above: open, distinct, not stdio, handed to us alone by the create
+        // image; each is owned once from here on.
+        let own = |fd: RawFd| unsafe { OwnedFd::from_raw_fd(fd) };
+        let out = own(out_fd);
+        Ok(Supervision {
+            init,
+            root,
+            id,
+            log_path,
+            log: File::from(own(log_fd)),
+            exit_file,
+            hub: attach::Hub {
+                listener: listen_fd.map(own),
+                clients: Vec::new(),
+                stdin: stdin_fd.map(own),
+                stdin_once,
+                tty: terminal.then_some(out.as_raw_fd()),
+            },
+            out,
+            err: err_fd.map(own),
+            attach_socket,
+        })
+    }
+
+    /// Supervises the container until it has exited and its output is drained, then writes
+    /// the exit file.
+    fn run(mut self, sfd: RawFd) -> Result<(), String> {
+        let code = supervise(
+            self.init,
+            sfd,
+            [
+                self.out.as_raw_fd(),
+                self.err.as_ref().map_or(-1, |e| e.as_raw_fd()),
+            ],
+            &mut self.log,
+            &self.log_path,
+            &mut self.hub,
+        )?;
+        self.hub.clients.clear();
+        if let Some(p) = &self.attach_socket {
+            let _ = std::fs::remove_file(p);
+        }
+        // Read before anything destroys the cgroup (the counter lives in it).
+        let oom = Runtime::new(&self.root)
+            .cgroup(&self.id)
+            .ok()
+            .flatten()
+            .is_some_and(|m| m.oom_killed().unwrap_or(false));
+        let rec = format!(
+            "{{\"exitCode\":{code},\"finishedAt\":\"{}\",\"oomKilled\":{oom},\"pid\":{}}}",
+            oci::time::now(),
+            self.init
+        );
+        oci::state::write_atomic(&self.exit_file, rec.as_bytes()).map_err(|e| e.to_string())
+    }
+}
+
+/// What a descriptor handed to `--supervise` must be.
+#[derive(Clone, Copy)]
+enum FdKind {
+    /// The CRI log: a file open for writing, or a character device (`/dev/null` when the
+    /// kubelet wants no log).
+    Log,
+    /// The read end of a pipe (the container's stdout or stderr).
+    Output,
+    /// The write end of a pipe (the container's stdin).
+    Input,
+    /// A terminal master, open for reading and writing.
+    Terminal,
+    /// A listening socket.
+    Listener,
+}
+
+/// Checks the descriptor `v` given as `k`: a number above stdio, open, of the right kind.
+fn check_fd(k: &str, v: std::ffi::OsString, kind: FdKind) -> Result<RawFd, String> {
+    let fd = v
+        .to_str()
+        .and_then(|s| s.parse::<RawFd>().ok())
+        .ok_or(format!("{k} {v:?} is not a descriptor number"))?;
+    if fd < 3 {
+        return Err(format!(
+            "{k} {fd}: stdin, stdout and stderr are not handed over"
+        ));
+    }
+    // SAFETY: fcntl and fstat on any number only report.
+    let (fl, st) = unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        let mut st: libc::stat = std::mem::zeroed();
+        if fl < 0 || libc::fstat(fd, &mut st) < 0 {
+            return Err(format!("{k} {fd}: not an open descriptor"));
+        }
+        (fl, st)
+    };
+    let (fmt, acc) = (st.st_mode & libc::S_IFMT, fl & libc::O_ACCMODE);
+    let (ok, what) = match kind {
+        FdKind::Log => (
+            matches!(fmt, libc::S_IFREG | libc::S_IFCHR) && acc != libc::O_RDONLY,
+            "a file open for writing",
+        ),
+        FdKind::Output => (
+            fmt == libc::S_IFIFO && acc == libc::O_RDONLY,
+            "the read end of a pipe",
+        ),
+        FdKind::Input => (
+            fmt == libc::S_IFIFO && acc == libc::O_WRONLY,
+            "the write end of a pipe",
+        ),
+        FdKind::Terminal => (
+            fmt == libc::S_IFCHR && acc == libc::O_RDWR,
+            "a terminal open for reading and writing",
+        ),
+        FdKind::Listener => {
+            let mut on: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: a valid int buffer of the given length.
+            let r = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_ACCEPTCONN,
+                    (&mut on as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            (
+                fmt == libc::S_IFSOCK && r == 0 && on != 0,
+                "a listening socket",
+            )
+        }
+    };
+    if !ok {
+        return Err(format!("{k} {fd}: not {what}"));
+    }
+    Ok(fd)
+}
+
+/// Sets or clears `FD_CLOEXEC` on each descriptor.
+fn set_cloexec(fds: &[RawFd], on: bool) -> std::io::Result<()> {
+    for &fd in fds {
+        // SAFETY: plain fcntl calls.
+        unsafe {
+            let fl = libc::fcntl(fd, libc::F_GETFD);
+            let new = if on {
+                fl | libc::FD_CLOEXEC
+            } else {
+                fl & !libc::FD_CLOEXEC
+            };
+            if fl < 0 || libc::fcntl(fd, libc::F_SETFD, new) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Accepts the runtime's connection on the console socket and receives the terminal master.
@@ -347,10 +776,13 @@ fn supervise(
     let mut code = None;
     // The container's output is read in 8 KiB pieces (a log line longer than that is joined
     // by the LineWriter): a smaller resident buffer than one read per 32 KiB, at the cost of
-    // more reads for a container that logs fast.
-    let mut buf = vec![0u8; 8 * 1024];
+    // more reads for a container that logs fast. Allocated (not zeroed) at the first output,
+    // as `cbuf`: a container that never writes costs no page for it.
+    let mut buf: Vec<u8> = Vec::new();
+    let mut pfds = Vec::new();
     loop {
-        let mut pfds = vec![
+        pfds.clear();
+        pfds.extend([
             libc::pollfd {
                 fd: if open[0] { fds[0] } else { -1 },
                 events: libc::POLLIN,
@@ -371,7 +803,7 @@ fn supervise(
                 events: libc::POLLIN,
                 revents: 0,
             },
-        ];
+        ]);
         for c in &hub.clients {
             pfds.push(libc::pollfd {
                 fd: c.as_raw_fd(),
@@ -392,19 +824,23 @@ fn supervise(
         let mut progressed = false;
         for i in 0..2 {
             if open[i] && pfds[i].revents != 0 {
-                // SAFETY: valid buffer.
-                let r = unsafe { libc::read(fds[i], buf.as_mut_ptr().cast(), buf.len()) };
+                buf.clear();
+                buf.reserve_exact(8 * 1024);
+                // SAFETY: reads into the buffer's capacity.
+                let r = unsafe { libc::read(fds[i], buf.as_mut_ptr().cast(), buf.capacity()) };
                 if r > 0 {
+                    // SAFETY: the kernel initialised the first r bytes (r <= capacity).
+                    unsafe { buf.set_len(r as usize) };
                     progressed = true;
                     writers[i]
-                        .feed(log, &buf[..r as usize], SystemTime::now())
+                        .feed(log, &buf, SystemTime::now())
                         .map_err(|e| format!("writing log: {e}"))?;
                     let kind = if i == 0 {
                         attach::STDOUT
                     } else {
                         attach::STDERR
                     };
-                    hub.broadcast(kind, &buf[..r as usize]);
+                    hub.broadcast(kind, &buf);
                 } else if r == 0
                     // A terminal master reads EIO once the last slave is closed.
                     || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR)
@@ -484,18 +920,32 @@ fn supervise(
     }
 }
 
-/// Drops the executable pages touched while creating the container from our resident set: the
-/// steady state (poll, read, write) needs a small part of them and faults it back in from the
-/// page cache. Only `r-xp` mappings: text is never written, so nothing private is lost (a
-/// relocated read-only or writable mapping could hold private copies). The heap the creation
-/// used (the parsed config.json, mounts, the seccomp program) is free by then but sits at the
-/// top of the heap, below glibc's trim threshold: `malloc_trim` gives it back (~64 KiB).
+/// Drops the executable pages touched so far (creating the container, or starting the
+/// supervise image) from our resident set: the steady state (poll, read, write) needs a small
+/// part of them and faults it back in from the page cache. Only `r-xp` mappings: text is never
+/// written, so nothing private is lost (a relocated read-only or writable mapping could hold
+/// private copies). Then `malloc_trim` gives back the free heap at the top, below glibc's trim
+/// threshold (in the create image what creating used, ~64 KiB, when the exec failed; in both,
+/// the copy of the maps).
 fn trim_rss() {
+    drop_text();
+    // Last: also gives back what reading the maps took.
     // SAFETY: glibc's malloc_trim only releases free memory of the allocator.
     unsafe { libc::malloc_trim(0) };
-    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+}
+
+fn drop_text() {
+    use std::io::Read as _;
+    // One allocation big enough for our maps (~40 lines), not a chain of growing ones: freed,
+    // it goes back to the top of the heap, which `malloc_trim` then returns.
+    let mut maps = Vec::with_capacity(16 * 1024);
+    if File::open("/proc/self/maps")
+        .and_then(|mut f| f.read_to_end(&mut maps))
+        .is_err()
+    {
         return;
-    };
+    }
+    let maps = String::from_utf8_lossy(&maps);
     for line in maps.lines() {
         let mut f = line.split_whitespace();
         let (Some(range), Some(perms)) = (f.next(), f.next()) else {

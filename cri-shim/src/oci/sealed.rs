@@ -16,6 +16,10 @@
 //! however the runtime opened it; only executing from something that cannot be written closes
 //! it. A binary already on a read-only mount (either of the above, or a read-only /usr) needs
 //! nothing, which is also how the re-executed process knows it is done.
+//!
+//! [`reexec`] executes the running binary once more with other arguments (the monitor's
+//! supervise image): from the same read-only file when it already runs from one, so nothing is
+//! copied again and the new image is as protected as the old one.
 
 use std::ffi::CString;
 use std::io;
@@ -27,9 +31,11 @@ const SEALS: libc::c_int =
 /// Whether this process runs from a binary that cannot be written: a sealed memfd or a file on
 /// a read-only mount.
 pub fn is_sealed() -> bool {
-    let Ok(f) = std::fs::File::open("/proc/self/exe") else {
-        return false;
-    };
+    std::fs::File::open("/proc/self/exe").is_ok_and(|f| sealed_file(&f))
+}
+
+/// Whether `f` cannot be written: a sealed memfd or a file on a read-only mount.
+fn sealed_file(f: &std::fs::File) -> bool {
     // SAFETY: fcntl on a valid fd.
     let seals = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GET_SEALS) };
     if seals >= 0 && seals & SEALS == SEALS {
@@ -131,13 +137,40 @@ pub fn ensure_sealed() -> io::Result<()> {
         return Ok(());
     }
     let (args, env) = argv_envp();
+    Err(exec_sealed(&args, &env, None))
+}
+
+/// Executes the running binary again with `args` (`args[0]` included) and the current
+/// environment, keeping every descriptor without `FD_CLOEXEC`. From the very file the process
+/// runs from when that is already read-only or sealed (no second copy), otherwise from a new
+/// read-only bind mount or sealed copy as [`ensure_sealed`]. Returns only on error.
+pub fn reexec(args: &[CString]) -> io::Error {
+    let (_, env) = argv_envp();
+    let exe = match std::fs::File::open("/proc/self/exe") {
+        Ok(f) => f,
+        Err(e) => return e,
+    };
+    if sealed_file(&exe) {
+        exec_sealed(args, &env, Some(exe.into()))
+    } else {
+        drop(exe);
+        exec_sealed(args, &env, None)
+    }
+}
+
+/// `execveat`s `fd` (a descriptor of a file nothing can write), or a new read-only copy of our
+/// binary when none is given. Returns only on error.
+fn exec_sealed(args: &[CString], env: &[CString], fd: Option<OwnedFd>) -> io::Error {
     let mut a: Vec<*const libc::c_char> = args.iter().map(|s| s.as_ptr()).collect();
     a.push(std::ptr::null());
     let mut e: Vec<*const libc::c_char> = env.iter().map(|s| s.as_ptr()).collect();
     e.push(std::ptr::null());
-    let fd = match ro_bind(c"/proc/self/exe") {
-        Ok(fd) => fd,
-        Err(_) => memfd_copy()?,
+    let fd = match fd {
+        Some(fd) => fd,
+        None => match ro_bind(c"/proc/self/exe").or_else(|_| memfd_copy()) {
+            Ok(fd) => fd,
+            Err(e) => return e,
+        },
     };
     // SAFETY: null-terminated arrays of valid C strings; returns only on error.
     unsafe {
@@ -150,7 +183,7 @@ pub fn ensure_sealed() -> io::Result<()> {
             libc::AT_EMPTY_PATH,
         )
     };
-    Err(io::Error::last_os_error())
+    io::Error::last_os_error()
 }
 
 fn argv_envp() -> (Vec<CString>, Vec<CString>) {

@@ -124,6 +124,10 @@ impl From<crate::image::ImageError> for Error {
     }
 }
 
+/// How many container events a GetContainerEvents client may fall behind before it misses some
+/// (it is told it lagged; the kubelet's relist is the safety net).
+const EVENT_BACKLOG: usize = 256;
+
 /// A sandbox in memory: its record and the lock that serialises the pod's RPCs.
 #[derive(Debug)]
 pub(crate) struct Sandbox {
@@ -148,7 +152,7 @@ pub struct Manager {
     pub(crate) containers: Mutex<HashMap<String, Arc<Container>>>,
     /// Reserved names (`<kind>_<name>_<pod>_<ns>_<uid>_<attempt>`), as containerd's CRI.
     pub(crate) names: Mutex<HashMap<String, String>>,
-    pub(crate) events: broadcast::Sender<cri::ContainerEventResponse>,
+    pub(crate) events: broadcast::Sender<Arc<cri::ContainerEventResponse>>,
     pub(crate) pod_cidr: Mutex<String>,
     /// The last CPU sample per container (time, usage) for `usage_nano_cores`.
     pub(crate) cpu_samples: Mutex<HashMap<String, (i64, u64)>>,
@@ -195,7 +199,9 @@ impl Manager {
             std::fs::create_dir_all(&d).map_err(|e| Error::internal(d.display(), e))?;
         }
         let records = records::Records::open(&cfg.root.join("pods"))?;
-        let (events, _) = broadcast::channel(1024);
+        // The ring keeps the last EVENT_BACKLOG events until they are overwritten: a small one,
+        // of shared events, so that a daemon that has run many pods doesn't keep their statuses.
+        let (events, _) = broadcast::channel(EVENT_BACKLOG);
         let m = Arc::new(Manager {
             cfg,
             images,
@@ -339,17 +345,17 @@ impl Manager {
             }
             Err(_) => (None, None),
         };
-        let _ = self.events.send(cri::ContainerEventResponse {
+        let _ = self.events.send(Arc::new(cri::ContainerEventResponse {
             container_id: container_id.to_string(),
             container_event_type: kind as i32,
             created_at: now_ns(),
             pod_sandbox_status: sandbox_status,
             containers_statuses: status.into_iter().collect(),
-        });
+        }));
     }
 
     /// A stream of container events (GetContainerEvents).
-    pub fn subscribe(&self) -> broadcast::Receiver<cri::ContainerEventResponse> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<cri::ContainerEventResponse>> {
         self.events.subscribe()
     }
 

@@ -398,7 +398,7 @@ impl cri::runtime_service_server::RuntimeService for RuntimeService {
                     }
                 };
                 match ev {
-                    Ok(ev) => return Some((Ok(ev), (rx, sd))),
+                    Ok(ev) => return Some((Ok(cri::ContainerEventResponse::clone(&ev)), (rx, sd))),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(missed = n, "a GetContainerEvents client fell behind");
                         continue;
