@@ -594,28 +594,7 @@ fn monitor_writes_the_cri_log_and_the_exit_code() {
     let id = unique_name("mon");
     let log = root.dir.with_extension("ctr.log");
     let exit = root.dir.with_extension("exit.json");
-    let o = Command::new(MONITOR)
-        .args([
-            "--root",
-            root.dir.to_str().expect("utf8"),
-            "--bundle",
-            b.dir.to_str().expect("utf8"),
-            "--id",
-            &id,
-        ])
-        .args([
-            "--log-path",
-            log.to_str().expect("utf8"),
-            "--exit-file",
-            exit.to_str().expect("utf8"),
-        ])
-        .output()
-        .expect("monitor");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let text = std::fs::read_to_string(&log).expect("log");
-    let ex: Value =
-        serde_json::from_slice(&std::fs::read(&exit).expect("exit file")).expect("json");
-    let _ = (std::fs::remove_file(&log), std::fs::remove_file(&exit));
+    let (text, ex) = run_monitor(&root, &b, &id, &log, &exit);
     let recs: Vec<(&str, &str, &str)> = text
         .lines()
         .map(|l| {
@@ -761,28 +740,7 @@ fn monitor_reports_an_oom_kill_under_a_memory_limit() {
     let id = unique_name("oom");
     let log = root.dir.with_extension("oom.log");
     let exit = root.dir.with_extension("oom.json");
-    let o = Command::new(MONITOR)
-        .args([
-            "--root",
-            root.dir.to_str().expect("utf8"),
-            "--bundle",
-            b.dir.to_str().expect("utf8"),
-            "--id",
-            &id,
-        ])
-        .args([
-            "--log-path",
-            log.to_str().expect("utf8"),
-            "--exit-file",
-            exit.to_str().expect("utf8"),
-        ])
-        .output()
-        .expect("monitor");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let text = std::fs::read_to_string(&log).expect("log");
-    let ex: Value =
-        serde_json::from_slice(&std::fs::read(&exit).expect("exit file")).expect("json");
-    let _ = (std::fs::remove_file(&log), std::fs::remove_file(&exit));
+    let (text, ex) = run_monitor(&root, &b, &id, &log, &exit);
     assert!(
         text.contains("stdout F start") && !text.contains("survived"),
         "{text}"
@@ -801,22 +759,8 @@ fn start_monitor(
     use std::io::BufRead as _;
     let log = root.dir.with_extension(format!("{id}.log"));
     let exit = root.dir.with_extension(format!("{id}.json"));
-    let mut child = Command::new(MONITOR)
-        .args([
-            "--root",
-            root.dir.to_str().expect("utf8"),
-            "--bundle",
-            b.dir.to_str().expect("utf8"),
-            "--id",
-            id,
-        ])
-        .args([
-            "--log-path",
-            log.to_str().expect("utf8"),
-            "--exit-file",
-            exit.to_str().expect("utf8"),
-            "--report",
-        ])
+    let mut child = monitor_command(root, b, id, &log, &exit)
+        .arg("--report")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -829,6 +773,38 @@ fn start_monitor(
     let report: Value = serde_json::from_str(line.trim()).unwrap_or(Value::Null);
     let pid = report["pid"].as_i64().unwrap_or(0);
     (child, pid, log, exit)
+}
+
+/// The monitor's command line for container `id` of bundle `b`, logging to `log`.
+fn monitor_command(root: &Root, b: &Bundle, id: &str, log: &Path, exit: &Path) -> Command {
+    let mut c = Command::new(MONITOR);
+    c.args([
+        "--root",
+        root.dir.to_str().expect("utf8"),
+        "--bundle",
+        b.dir.to_str().expect("utf8"),
+        "--id",
+        id,
+    ])
+    .args([
+        "--log-path",
+        log.to_str().expect("utf8"),
+        "--exit-file",
+        exit.to_str().expect("utf8"),
+    ]);
+    c
+}
+
+/// Runs a monitor until its container has ended; returns the log and the exit file (both
+/// removed).
+fn run_monitor(root: &Root, b: &Bundle, id: &str, log: &Path, exit: &Path) -> (String, Value) {
+    let child = monitor_command(root, b, id, log, exit)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("monitor");
+    finish_monitor(child, log, exit)
 }
 
 /// Waits for a monitor and returns its exit file (removing it and the log).
