@@ -6,6 +6,13 @@
 //! against about 260 KiB in total when the linker resolves them (measured with
 //! `/proc/<pid>/smaps_rollup`, `Private_Dirty`). The cost is ASLR of the monitor's own image
 //! (libraries, heap and stack stay randomised); the monitor parses no input from the container.
+//!
+//! The other binaries pack their relative relocations where the C library allows
+//! (`build-support/relr.rs`).
+include!("../build-support/relr.rs");
+
 fn main() {
+    println!("cargo:rerun-if-changed=../build-support/relr.rs");
     println!("cargo:rustc-link-arg-bin=deckhand-monitor=-no-pie");
+    pack_relative_relocs();
 }

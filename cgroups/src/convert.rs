@@ -15,14 +15,19 @@ pub const MAX_WEIGHT: u64 = 10_000;
 /// the older linear formula of KEP-2254 (`1 + (shares - 2) * 9999 / 262142`, giving 1024 → 39)
 /// did not, so a container with default shares got less CPU than a default v2 sibling.
 /// `0` means "not set" and stays `0`.
+///
+/// `log2` and `pow` come from the `libm` crate (the same correctly rounded algorithms as glibc's
+/// libm, which the `share_conversions_match_glibc` test checks over the whole range): the std
+/// float functions would link libm.so into every binary for this one formula, and the dynamic
+/// loader's work on it costs each process (one monitor per container) memory and start-up time.
 pub fn shares_to_weight(shares: u64) -> u64 {
     if shares == 0 {
         return 0;
     }
     let shares = shares.clamp(MIN_SHARES, MAX_SHARES);
-    let l = (shares as f64).log2();
+    let l = libm::log2(shares as f64);
     let exponent = (l * l + 125.0 * l) / 612.0 - 7.0 / 34.0;
-    (10f64.powf(exponent).ceil() as u64).clamp(MIN_WEIGHT, MAX_WEIGHT)
+    (libm::ceil(libm::pow(10.0, exponent)) as u64).clamp(MIN_WEIGHT, MAX_WEIGHT)
 }
 
 /// v2 `cpu.weight` back to v1 shares (the inverse of [`shares_to_weight`], up to rounding):
@@ -33,9 +38,9 @@ pub fn weight_to_shares(weight: u64) -> u64 {
     }
     let w = weight.clamp(MIN_WEIGHT, MAX_WEIGHT) as f64;
     // l² + 125 l − 612 (log10 w + 7/34) = 0
-    let c = 612.0 * (w.log10() + 7.0 / 34.0);
-    let l = (-125.0 + (125.0f64 * 125.0 + 4.0 * c).sqrt()) / 2.0;
-    let mut s = (2f64.powf(l).round() as u64).clamp(MIN_SHARES, MAX_SHARES);
+    let c = 612.0 * (libm::log10(w) + 7.0 / 34.0);
+    let l = (-125.0 + libm::sqrt(125.0f64 * 125.0 + 4.0 * c)) / 2.0;
+    let mut s = (libm::round(libm::pow(2.0, l)) as u64).clamp(MIN_SHARES, MAX_SHARES);
     // Float rounding can land one step off: move to the nearest shares value that maps back
     // to exactly this weight.
     let w = w as u64;
@@ -116,6 +121,32 @@ mod tests {
             assert_eq!(shares_to_weight(back), shares_to_weight(s), "{s} -> {back}");
         }
         assert_eq!(weight_to_shares(100), 1024);
+    }
+
+    /// The `libm` crate gives what glibc's libm (std's float functions) gives, for every shares
+    /// value: the weights written are those of crun (C, glibc) and of earlier Deckhand builds.
+    #[test]
+    fn share_conversions_match_glibc() {
+        let glibc = |shares: u64| {
+            let l = (shares as f64).log2();
+            let exponent = (l * l + 125.0 * l) / 612.0 - 7.0 / 34.0;
+            (10f64.powf(exponent).ceil() as u64).clamp(MIN_WEIGHT, MAX_WEIGHT)
+        };
+        for s in MIN_SHARES..=MAX_SHARES {
+            assert_eq!(shares_to_weight(s), glibc(s), "shares {s}");
+        }
+        // weight_to_shares: its first estimate (the rest is shares_to_weight, checked above).
+        for w in MIN_WEIGHT..=MAX_WEIGHT {
+            let c = 612.0 * ((w as f64).log10() + 7.0 / 34.0);
+            let l = (-125.0 + (125.0f64 * 125.0 + 4.0 * c).sqrt()) / 2.0;
+            let c_ours = 612.0 * (libm::log10(w as f64) + 7.0 / 34.0);
+            let l_ours = (-125.0 + libm::sqrt(125.0f64 * 125.0 + 4.0 * c_ours)) / 2.0;
+            assert_eq!(
+                libm::round(libm::pow(2.0, l_ours)),
+                2f64.powf(l).round(),
+                "weight {w}"
+            );
+        }
     }
 
     #[test]

@@ -29,6 +29,8 @@
 #   hack/testbed.sh up; hack/bench/kubelet.sh [N [M]]  (default 20 one at a time, 30 at once)
 #   IDLE=60 hack/bench/kubelet.sh                      idle CPU sampled over 60 s (default 30)
 #   DH_BENCH_KEEP_LOGS=1 hack/bench/kubelet.sh 5       daemon logs kept in /tmp/dh-bench-kubelet-logs
+#   DH_BENCH_SMAPS=DIR hack/bench/kubelet.sh           /proc/PID/smaps of every measured process
+#                                                      copied to DIR/SIDE-COMM-PID at the measurement
 set -euo pipefail
 
 N=${1:-20}
@@ -350,7 +352,7 @@ run_par() {
   local marker=$U/ roots=("$UPK_PID" "$CTR_PID")
   [ "$s" = dh ] && marker=$D/ roots=("$DHK_PID" "$DHCRI_PID")
   echo -n "memory with $M pods, $s: " >&2
-  mem "$marker" "${roots[@]}" >"$WORK/$s.mem"
+  SIDE=$s mem "$marker" "${roots[@]}" >"$WORK/$s.mem"
   echo "idle CPU with $M pods, $s: sampling ${IDLE}s..." >&2
   cpu "$marker" "${roots[@]}" >"$WORK/$s.cpu"
   pids=()
@@ -395,6 +397,10 @@ mem() {
   for pid in $(kept "$@"); do
     read -r r s <<<"$(awk '/^Rss:/ {r=$2} /^Pss:/ {p=$2} END {print r+0, p+0}' "/proc/$pid/smaps_rollup" 2>/dev/null)"
     rss=$((rss + ${r:-0})); pss=$((pss + ${s:-0}))
+    if [ -n "${DH_BENCH_SMAPS:-}" ]; then
+      mkdir -p "$DH_BENCH_SMAPS"
+      cp "/proc/$pid/smaps" "$DH_BENCH_SMAPS/$SIDE-$(cat "/proc/$pid/comm" 2>/dev/null)-$pid" 2>/dev/null || true
+    fi
     names="$names$(cat "/proc/$pid/comm" 2>/dev/null)"$'\n'
   done
   echo "$rss $pss"

@@ -78,6 +78,8 @@ pub async fn run<R: Reconciler>(mut reconciler: R, trigger: Trigger, shutdown: C
             _ = shutdown.cancelled() => break,
             r = tokio::time::timeout(timeout, Box::pin(reconciler.reconcile())) => r,
         };
+        // What the reconcile allocated and freed goes back to the kernel once work pauses.
+        deckhand_malloc::after_work();
         let action = match outcome {
             Ok(Ok(action)) => action,
             Ok(Err(e)) => {

@@ -720,8 +720,10 @@ async fn requests_without_credentials_or_rights_are_refused() -> Result<()> {
     bed.pass()
 }
 
+/// `kubectl get` and `kubectl describe` (1.20) show a restarted pod as they would one of the
+/// upstream kubelet, and `kubectl logs --previous` the instance before the restart.
 #[tokio::test]
-async fn kubectl_logs_previous_shows_the_instance_before_a_restart() -> Result<()> {
+async fn kubectl_logs_get_and_describe_show_a_restarted_pod() -> Result<()> {
     let bed = Bed::start("srv-previous").await?;
     // The first instance exits, the restarted one stays.
     bed.create_pod_with(
@@ -753,6 +755,79 @@ async fn kubectl_logs_previous_shows_the_instance_before_a_restart() -> Result<(
     assert_eq!(String::from_utf8_lossy(&out.stdout), "first\n", "{out:?}");
     let out = bed.kubectl_out(&["logs", "crash"])?;
     assert_eq!(String::from_utf8_lossy(&out.stdout), "second\n", "{out:?}");
+
+    // get -o wide: NAME READY STATUS RESTARTS AGE IP NODE NOMINATED-NODE READINESS-GATES.
+    let ip = pods
+        .get("crash")
+        .await?
+        .status
+        .and_then(|s| s.pod_ip)
+        .context("no podIP")?;
+    let out = bed.kubectl_out(&["get", "pod", "crash", "-o", "wide", "--no-headers"])?;
+    ensure!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout)?;
+    let cols: Vec<&str> = text.split_whitespace().collect();
+    assert_eq!(
+        cols.get(..4),
+        Some(&["crash", "1/1", "Running", "1"][..]),
+        "{text:?}"
+    );
+    assert_eq!(
+        cols.get(5..7),
+        Some(&[ip.as_str(), bed.node.as_str()][..]),
+        "{text:?}"
+    );
+
+    // describe: whitespace collapsed, one line per row. The kubelet's Events reach the API
+    // server a moment after the steps they report.
+    let event_from_kubelet = |rows: &[String], reason: &str| {
+        // Events: Type Reason Age From Message (Age may read "5s (x2 over 20s)").
+        rows.iter()
+            .any(|r| r.starts_with(&format!("Normal {reason} ")) && r.contains(" kubelet "))
+    };
+    let (text, rows) = eventually(
+        Duration::from_secs(20),
+        "Created and Started events",
+        || async {
+            let out = bed.kubectl_out(&["describe", "pod", "crash"])?;
+            ensure!(out.status.success(), "{out:?}");
+            let text = String::from_utf8(out.stdout)?;
+            let rows: Vec<String> = text
+                .lines()
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+                .collect();
+            Ok(
+                if ["Created", "Started"]
+                    .iter()
+                    .all(|r| event_from_kubelet(&rows, r))
+                {
+                    Ok((text, rows))
+                } else {
+                    Err(text)
+                },
+            )
+        },
+    )
+    .await?;
+    for row in [
+        "Status: Running",
+        "State: Running",
+        "Last State: Terminated",
+        "Reason: Error",
+        "Exit Code: 1",
+        "Ready: True",
+        "Restart Count: 1",
+        "Initialized True",
+        "Ready True",
+        "ContainersReady True",
+        "PodScheduled True",
+        &format!("IP: {ip}"),
+    ] {
+        assert!(
+            rows.iter().any(|r| r == row),
+            "no {row:?} in kubectl describe:\n{text}"
+        );
+    }
     bed.pass()
 }
 

@@ -115,6 +115,8 @@ fn load_file(path: &Path) -> Result<FileConfig> {
 }
 
 fn main() -> Result<()> {
+    // Before any thread starts (deckhand-malloc says why).
+    let arenas_limited = deckhand_malloc::limit_arenas();
     let args = Args::parse();
     let filter = match &args.log_level {
         Some(l) => tracing_subscriber::EnvFilter::new(l),
@@ -125,6 +127,9 @@ fn main() -> Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    if !arenas_limited {
+        tracing::warn!("mallopt(M_ARENA_MAX) refused: malloc keeps its default arenas");
+    }
 
     let file = load_file(&args.config)?;
     let socket = args
@@ -191,6 +196,7 @@ fn main() -> Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     rt.block_on(async move {
+        deckhand_malloc::spawn_trimmer(deckhand_malloc::QUIET, deckhand_malloc::MAX_DELAY);
         let store = ImageStore::open(opts).context("opening the image store")?;
         let manager = pod::Manager::open(pods, store.clone()).context("opening the pod records")?;
         let svc = server::image_service::ImageService::new(store);

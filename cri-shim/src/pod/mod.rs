@@ -34,7 +34,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use deckhand_proto::cri;
-use tokio::sync::broadcast;
+use tokio::sync::mpsc;
 
 use crate::image::ImageStore;
 
@@ -124,9 +124,12 @@ impl From<crate::image::ImageError> for Error {
     }
 }
 
-/// How many container events a GetContainerEvents client may fall behind before it misses some
-/// (it is told it lagged; the kubelet's relist is the safety net).
+/// How many container events a GetContainerEvents client may have unread before it misses some
+/// (the daemon logs it; the kubelet's relist is the safety net).
 const EVENT_BACKLOG: usize = 256;
+
+/// A GetContainerEvents subscription: the events its client has not read yet.
+pub(crate) type EventReceiver = mpsc::Receiver<Arc<cri::ContainerEventResponse>>;
 
 /// A sandbox in memory: its record and the lock that serialises the pod's RPCs.
 #[derive(Debug)]
@@ -152,7 +155,10 @@ pub struct Manager {
     pub(crate) containers: Mutex<HashMap<String, Arc<Container>>>,
     /// Reserved names (`<kind>_<name>_<pod>_<ns>_<uid>_<attempt>`), as containerd's CRI.
     pub(crate) names: Mutex<HashMap<String, String>>,
-    pub(crate) events: broadcast::Sender<Arc<cri::ContainerEventResponse>>,
+    /// One bounded queue per GetContainerEvents client. Not a broadcast ring: a ring keeps its
+    /// last events, each with a whole pod status, in its slots until they are overwritten,
+    /// read or not; a queue holds only what its client has not read yet.
+    pub(crate) events: Mutex<Vec<mpsc::Sender<Arc<cri::ContainerEventResponse>>>>,
     pub(crate) pod_cidr: Mutex<String>,
     /// The last CPU sample per container (time, usage) for `usage_nano_cores`.
     pub(crate) cpu_samples: Mutex<HashMap<String, (i64, u64)>>,
@@ -199,9 +205,6 @@ impl Manager {
             std::fs::create_dir_all(&d).map_err(|e| Error::internal(d.display(), e))?;
         }
         let records = records::Records::open(&cfg.root.join("pods"))?;
-        // The ring keeps the last EVENT_BACKLOG events until they are overwritten: a small one,
-        // of shared events, so that a daemon that has run many pods doesn't keep their statuses.
-        let (events, _) = broadcast::channel(EVENT_BACKLOG);
         let m = Arc::new(Manager {
             cfg,
             images,
@@ -209,7 +212,7 @@ impl Manager {
             sandboxes: Mutex::new(HashMap::new()),
             containers: Mutex::new(HashMap::new()),
             names: Mutex::new(HashMap::new()),
-            events,
+            events: Mutex::new(Vec::new()),
             pod_cidr: Mutex::new(String::new()),
             cpu_samples: Mutex::new(HashMap::new()),
         });
@@ -329,8 +332,12 @@ impl Manager {
             .unwrap_or_default()
     }
 
-    /// Sends an event to every GetContainerEvents subscriber (none listening is fine).
+    /// Sends an event to every GetContainerEvents subscriber (none listening is fine, and costs
+    /// nothing: the statuses are only gathered for someone).
     pub(crate) fn emit(&self, container_id: &str, kind: cri::ContainerEventType) {
+        if self.events.lock().map_or(true, |s| s.is_empty()) {
+            return;
+        }
         let (status, sandbox_status) = match self.container(container_id) {
             Ok(c) => {
                 let st = self.container_status_of(&c);
@@ -345,18 +352,36 @@ impl Manager {
             }
             Err(_) => (None, None),
         };
-        let _ = self.events.send(Arc::new(cri::ContainerEventResponse {
+        let ev = Arc::new(cri::ContainerEventResponse {
             container_id: container_id.to_string(),
             container_event_type: kind as i32,
             created_at: now_ns(),
             pod_sandbox_status: sandbox_status,
             containers_statuses: status.into_iter().collect(),
-        }));
+        });
+        if let Ok(mut subs) = self.events.lock() {
+            subs.retain(|tx| match tx.try_send(ev.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    tracing::warn!(
+                        container = container_id,
+                        "a GetContainerEvents client fell behind: it misses this event"
+                    );
+                    true
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            });
+        }
     }
 
-    /// A stream of container events (GetContainerEvents).
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<cri::ContainerEventResponse>> {
-        self.events.subscribe()
+    /// A stream of container events (GetContainerEvents), from now on. It ends when the
+    /// manager is dropped; dropping it unsubscribes (at the next event).
+    pub fn subscribe(&self) -> EventReceiver {
+        let (tx, rx) = mpsc::channel(EVENT_BACKLOG);
+        if let Ok(mut subs) = self.events.lock() {
+            subs.push(tx);
+        }
+        rx
     }
 
     /// Status: runtime ready; network ready once a valid CNI configuration exists.

@@ -87,11 +87,20 @@ pub async fn serve(
             .max_encoding_message_size(deckhand_proto::CRI_MAX_MESSAGE_SIZE)
     });
     let res = tonic::transport::Server::builder()
+        // Every request counts as work for the heap trimmer (deckhand-malloc).
+        .layer(tower::util::MapRequestLayer::new(
+            mark_work::<tonic::codegen::http::Request<tonic::body::Body>>,
+        ))
         .add_service(svc)
         .add_optional_service(rsvc)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
     res.map_err(ServeError::from)
+}
+
+fn mark_work<R>(req: R) -> R {
+    deckhand_malloc::after_work();
+    req
 }
 
 /// Removes the socket when dropped, if the path still names the file we bound (device, inode).

@@ -389,23 +389,14 @@ impl cri::runtime_service_server::RuntimeService for RuntimeService {
             .clone()
             .unwrap_or_else(|| tokio::sync::watch::channel(false).1);
         let s = futures::stream::unfold((rx, sd), |(mut rx, mut sd)| async move {
-            loop {
-                let ev = tokio::select! {
-                    ev = rx.recv() => ev,
-                    _ = shutting_down(&mut sd) => {
-                        tracing::debug!("shutting down: ending a GetContainerEvents stream");
-                        return None;
-                    }
-                };
-                match ev {
-                    Ok(ev) => return Some((Ok(cri::ContainerEventResponse::clone(&ev)), (rx, sd))),
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(missed = n, "a GetContainerEvents client fell behind");
-                        continue;
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            let ev = tokio::select! {
+                ev = rx.recv() => ev,
+                _ = shutting_down(&mut sd) => {
+                    tracing::debug!("shutting down: ending a GetContainerEvents stream");
+                    return None;
                 }
-            }
+            };
+            ev.map(|ev| (Ok(cri::ContainerEventResponse::clone(&ev)), (rx, sd)))
         });
         ok(Box::pin(s))
     }

@@ -10,6 +10,8 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    // Before any thread starts (deckhand-malloc says why).
+    let arenas_limited = deckhand_malloc::limit_arenas();
     let flags = Flags::parse();
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(flags.log_filter()));
@@ -17,6 +19,9 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    if !arenas_limited {
+        tracing::warn!("mallopt(M_ARENA_MAX) refused: malloc keeps its default arenas");
+    }
     // rustls needs a process-wide provider; another part of the process may have set it already.
     let _ = rustls::crypto::ring::default_provider().install_default();
 
@@ -41,6 +46,7 @@ fn main() -> ExitCode {
 
 #[tokio::main]
 async fn run(config: Config) -> anyhow::Result<()> {
+    deckhand_malloc::spawn_trimmer(deckhand_malloc::QUIET, deckhand_malloc::MAX_DELAY);
     let shutdown = CancellationToken::new();
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
