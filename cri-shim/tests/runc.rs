@@ -359,12 +359,14 @@ fn assert_nothing_left(root: &Root, b: &Bundle, id: &str) {
         !mounts.contains(&*b.dir.to_string_lossy()),
         "mount left behind"
     );
-    for h in ["memory", "pids", "unified"] {
-        let d = Path::new("/sys/fs/cgroup")
-            .join(h)
-            .join("deckhand")
-            .join(id);
-        assert!(!d.exists(), "cgroup {} left behind", d.display());
+    // Every hierarchy; the bundle's cgroup is the default `/<id>` (or one under `deckhand/`).
+    for h in std::fs::read_dir("/sys/fs/cgroup")
+        .expect("/sys/fs/cgroup")
+        .flatten()
+    {
+        for d in [h.path().join(id), h.path().join("deckhand").join(id)] {
+            assert!(!d.exists(), "cgroup {} left behind", d.display());
+        }
     }
     let rootfs = b.rootfs();
     for e in std::fs::read_dir("/proc").expect("/proc").flatten() {

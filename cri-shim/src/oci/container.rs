@@ -342,6 +342,20 @@ impl Runtime {
             }
         }
         let mut guard = DirGuard(Some(dir.clone()));
+        // Recorded before the cgroup exists: a create killed from here on leaves a record
+        // (status "creating", no pid) from which `delete` finds and removes the cgroup.
+        let cgroups_path = cgroups_path(&spec, id);
+        let record = |pid, pid_start| Record {
+            id: id.to_string(),
+            pid,
+            pid_start,
+            bundle: bundle.clone(),
+            rootfs: rootfs.clone(),
+            created: super::time::now(),
+            annotations: spec.annotations().clone().unwrap_or_default(),
+            cgroups_path: cgroups_path.clone(),
+        };
+        record(0, 0).save(&dir)?;
         let fifo_path = dir.join(FIFO);
         nix::unistd::mkfifo(&fifo_path, nix::sys::stat::Mode::from_bits_truncate(0o622))
             .ctx(|| "creating exec fifo")?;
@@ -364,7 +378,6 @@ impl Runtime {
         }
         // The cgroup exists, with its limits, before the init does: the init moves itself in
         // (see `cgroups::Manager::self_join`).
-        let cgroups_path = cgroups_path(&spec, id);
         let cg = cgroups::Manager::new(&cgroups_path).map_err(|e| Error::Cgroups(e.to_string()))?;
         let destroy_cg = |e: Error| {
             let _ = cg.destroy(true);
@@ -407,16 +420,7 @@ impl Runtime {
             .ctx(|| "signalling the init")
             .map_err(fail)?;
         let pid_start = proc_stat(pid).map(|s| s.1).unwrap_or(0);
-        let rec = Record {
-            id: id.to_string(),
-            pid,
-            pid_start,
-            bundle: bundle.clone(),
-            rootfs,
-            created: super::time::now(),
-            annotations: spec.annotations().clone().unwrap_or_default(),
-            cgroups_path,
-        };
+        let rec = record(pid, pid_start);
         rec.save(&dir).map_err(fail)?;
         let mut warnings = wait_child(&parent_sock, pid, true).inspect_err(|_| {
             let _ = cg.destroy(true);
