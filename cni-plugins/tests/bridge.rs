@@ -214,7 +214,15 @@ fn del_twice_and_del_with_the_netns_gone_succeed() {
         let out = cni(&bridge_bin(), "DEL", &cid, netns.as_deref(), "eth0", &c);
         assert!(out.ok, "DEL without netns: {}", out.raw);
     }
-    assert!(!sh("ip", &["link", "show", &veth]).0);
+    // The kernel tears a deleted netns down asynchronously (its veth goes with it): wait.
+    let gone_by = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while sh("ip", &["link", "show", &veth]).0 && std::time::Instant::now() < gone_by {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(
+        !sh("ip", &["link", "show", &veth]).0,
+        "host veth {veth} still there 10 s after its netns was deleted"
+    );
     assert!(
         !iptables_snapshot().contains(&ip),
         "masquerade rule for {ip} left"
