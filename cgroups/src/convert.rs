@@ -16,9 +16,10 @@ pub const MAX_WEIGHT: u64 = 10_000;
 /// did not, so a container with default shares got less CPU than a default v2 sibling.
 /// `0` means "not set" and stays `0`.
 ///
-/// `log2` and `pow` come from the `libm` crate (the same correctly rounded algorithms as glibc's
-/// libm, which the `share_conversions_match_glibc` test checks over the whole range): the std
-/// float functions would link libm.so into every binary for this one formula, and the dynamic
+/// `log2` and `pow` come from the `libm` crate, whose results here equal glibc's for every
+/// shares value (the `share_conversions_match_glibc` test checks the whole range; its `pow` is
+/// not correctly rounded everywhere, but no weight depends on the difference): the std float
+/// functions would link libm.so into every binary for this one formula, and the dynamic
 /// loader's work on it costs each process (one monitor per container) memory and start-up time.
 pub fn shares_to_weight(shares: u64) -> u64 {
     if shares == 0 {
