@@ -3,8 +3,12 @@
 # then `delete` of a /bin/true container from the same bundle (busybox-static rootfs, `runc spec`
 # config), N times per runtime, interleaved in ABBA batches. Prints median and p99 wall time per
 # run+delete and the ratio ours/runc; then the peak memory charged to the container's cgroup
-# while it starts (create + start, high-water mark after exit). Release build. Removes everything it creates, also when
-# interrupted. Run as root:  hack/bench/runtime.sh [N]   (default 100)
+# while it starts (create + start, high-water mark after exit). Release build. Removes everything
+# it creates, also when interrupted. Run as root:  hack/bench/runtime.sh [N]   (default 100)
+# A third row, "floor", is floor-runtime.c (built here with cc): clone into the same namespaces,
+# chroot, exec /bin/true, then one more empty process for the delete. It is what process and
+# namespace creation alone cost on this machine, so floor/runc is the lowest ratio any runtime
+# can reach here.
 set -euo pipefail
 
 N=${1:-100}
@@ -23,10 +27,11 @@ TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps 2>/dev/nu
   sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 OURS=${TARGET_DIR:-$ROOT/target}/release/deckhand-runc
 
-IMPLS="ours ref"; [ -n "$CRUN" ] && IMPLS="ours ref crun"
+IMPLS="ours ref floor"; [ -n "$CRUN" ] && IMPLS="ours ref crun floor"
 bin_of() { case $1 in ours) echo "$OURS" ;; ref) echo "$RUNC" ;; crun) echo "$CRUN" ;; esac; }
 
 WORK=$(mktemp -d /tmp/dh-bench-runtime.XXXXXX)
+FLOOR=$WORK/floor-runtime
 cleanup() {
   set +e
   for r in ours ref crun; do
@@ -38,6 +43,7 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
+cc -O2 -o "$FLOOR" "$ROOT/hack/bench/floor-runtime.c" || { echo "runtime.sh: cc failed on floor-runtime.c" >&2; exit 1; }
 
 B=$WORK/bundle
 mkdir -p "$B/rootfs/bin" "$B/rootfs/proc" "$B/rootfs/dev" "$B/rootfs/sys"
@@ -47,23 +53,32 @@ ln -s busybox "$B/rootfs/bin/true"
 sed -i -e 's/"terminal": true/"terminal": false/' -e 's/"sh"$/"\/bin\/true"/' "$B/config.json"
 grep -q '"/bin/true"' "$B/config.json" || { echo "runtime.sh: could not set the process args" >&2; exit 1; }
 
-# one IMPL I: run + delete of container dhbench-IMPL-I; appends the wall time (ns).
+# one IMPL I: run + delete of container dhbench-IMPL-I; appends the wall time (ns). The clock is
+# $EPOCHREALTIME (µs): no process of the shell's is timed with the runtime's.
 one() {
   local bin; bin=$(bin_of "$1")
   local id=dhbench-$1-$2 t0 t1
-  t0=$(date +%s%N)
-  "$bin" --root "$WORK/root-$1" run --bundle "$B" "$id" >/dev/null 2>"$WORK/err" || {
-    echo "runtime.sh: $1 run failed: $(cat "$WORK/err")" >&2; return 1; }
-  "$bin" --root "$WORK/root-$1" delete --force "$id" >/dev/null 2>&1 || true
-  t1=$(date +%s%N)
-  echo $((t1 - t0)) >>"$WORK/$1"
+  if [ "$1" = floor ]; then
+    t0=${EPOCHREALTIME/./}
+    "$FLOOR" "$B/rootfs" >/dev/null 2>"$WORK/err" || {
+      echo "runtime.sh: floor-runtime failed: $(cat "$WORK/err")" >&2; return 1; }
+    "$FLOOR" >/dev/null 2>&1
+    t1=${EPOCHREALTIME/./}
+  else
+    t0=${EPOCHREALTIME/./}
+    "$bin" --root "$WORK/root-$1" run --bundle "$B" "$id" >/dev/null 2>"$WORK/err" || {
+      echo "runtime.sh: $1 run failed: $(cat "$WORK/err")" >&2; return 1; }
+    "$bin" --root "$WORK/root-$1" delete --force "$id" >/dev/null 2>&1 || true
+    t1=${EPOCHREALTIME/./}
+  fi
+  echo $(((t1 - t0) * 1000)) >>"$WORK/$1"
 }
 
 # crun refuses some layouts (on a hybrid host with a controller in the cgroup2 tree: "cgroups in
 # hybrid mode not supported"): then it is left out, with its reason.
 if [ -n "$CRUN" ] && ! one crun probe 2>"$WORK/crun-err"; then
   echo "runtime.sh: crun left out: $(tail -1 "$WORK/crun-err")" >&2
-  CRUN=; IMPLS="ours ref"
+  CRUN=; IMPLS="ours ref floor"
 fi
 # Warm up (page cache, first cgroup creation).
 for i in 1 2 3; do for impl in $IMPLS; do one "$impl" "w$i"; done; done
@@ -106,7 +121,7 @@ mem_one() { # IMPL I: appends the peak bytes
   cat "$PEAK" >>"$WORK/mem-$1" 2>/dev/null || echo "runtime.sh: no $PEAK" >&2
   "$bin" --root "$WORK/root-$1" delete --force "$id" >/dev/null 2>&1 || true
 }
-for i in $(seq 1 10); do for impl in $IMPLS; do mem_one "$impl" "$i"; done; done
+for i in $(seq 1 10); do for impl in ${IMPLS% floor}; do mem_one "$impl" "$i"; done; done
 kib() { sort -n "$1" | awk '{a[NR]=$1} END { printf "%.0f", a[int((NR + 1) / 2)] / 1024 }'; }
 
 read -r om op <<<"$(stat "$WORK/ours")"
@@ -118,7 +133,11 @@ if [ -n "$CRUN" ]; then
   read -r cm cp <<<"$(stat "$WORK/crun")"
   printf '%-14s %10s %10s\n' crun "$cm" "$cp"
 fi
+read -r fm fp <<<"$(stat "$WORK/floor")"
+printf '%-14s %10s %10s\n' floor "$fm" "$fp"
 printf '%-14s %10s %10s\n' "ours/runc" "$(ratio "$om" "$rm")" "$(ratio "$op" "$rp")"
+printf '%-14s %10s %10s\n' "floor/runc" "$(ratio "$fm" "$rm")" "$(ratio "$fp" "$rp")"
+printf '%-14s %10s %10s\n' "ours/floor" "$(ratio "$om" "$fm")" "$(ratio "$op" "$fp")"
 if [ -n "$CRUN" ]; then
   printf '%-14s %10s %10s\n' "crun/runc" "$(ratio "$cm" "$rm")" "$(ratio "$cp" "$rp")"
   printf '%-14s %10s %10s\n' "ours/crun" "$(ratio "$om" "$cm")" "$(ratio "$op" "$cp")"

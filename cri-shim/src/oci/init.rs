@@ -48,12 +48,25 @@ pub(crate) struct Args<'a> {
 /// placed us in the cgroup2 directory (`clone3(CLONE_INTO_CGROUP)`).
 pub(crate) fn child_main(a: &Args<'_>, sync: &OwnedFd, cloned_into_cgroup: bool) -> ! {
     // The container's process starts with no signal blocked, whatever its parent blocked
-    // (the monitor blocks SIGCHLD and SIGUSR1 for its signalfd).
-    // SAFETY: an empty set from sigemptyset.
+    // (the monitor blocks SIGCHLD and SIGUSR1 for its signalfd), and with every signal's
+    // default action: an ignored signal stays ignored across execve, and Rust's runtime ignores
+    // SIGPIPE in our binaries (a container would then get EPIPE where it expects to die), as
+    // may whoever started us (nohup: SIGHUP). Handlers need nothing: execve resets them.
+    // The raw system call: glibc's wrapper refuses its own two real-time signals (32 and 33),
+    // which a caller may still have ignored.
+    // SAFETY: an empty set from sigemptyset; a kernel `struct sigaction` with SIG_DFL installs
+    // no handler code.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        // handler, flags, restorer, mask: the kernel's layout on x86_64 and aarch64.
+        let dfl: [libc::c_ulong; 4] = [libc::SIG_DFL as libc::c_ulong, 0, 0, 0];
+        for sig in 1..=64 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::syscall(libc::SYS_rt_sigaction, sig, dfl.as_ptr(), 0usize, 8usize);
+            }
+        }
     }
     let code = match run(a, sync, cloned_into_cgroup) {
         Ok(()) => 0,
