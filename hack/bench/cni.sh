@@ -2,7 +2,8 @@
 # Benchmarks deckhand-bridge + deckhand-host-local against the reference bridge + host-local
 # (containernetworking-plugins in /usr/lib/cni) in the same run: N network namespaces
 # (dh-bench-…), ADD then DEL each, per configuration. Prints median and p99 per operation, the
-# batch time and the ratios ours/reference. Release build. Removes everything it creates, also
+# batch time and the ratios ours/reference, then the kernel's floor for DEL (a bare
+# `ip link del` of the same veth pair). Release build. Removes everything it creates, also
 # when interrupted. Run as root:  hack/bench/cni.sh [N]   (default 50)
 # The machine should be quiet: both sides run in the same process tree, so the ratios survive some
 # load, but not the absolute figures; run it a few times and compare the ratios.
@@ -75,7 +76,7 @@ cleanup() {
       done
     done
   done
-  for i in $(seq 1 "$N"); do ip netns del "$NS_PREFIX$i" 2>/dev/null; done
+  for i in $(seq 1 "$N"); do ip link del "dhfl$i" 2>/dev/null; ip netns del "$NS_PREFIX$i" 2>/dev/null; done
   ip link del $BR_OURS 2>/dev/null
   ip link del $BR_REF 2>/dev/null
   rm -rf "$WORK"
@@ -114,6 +115,23 @@ for masq in false true; do
   batch ours "$masq"
 done
 
+# The kernel's floor for DEL: the same veth pair (host end up on our bridge, eth9 up inside the
+# netns), deleted by one `ip` process, timed like a plugin call: what any DEL pays here, plugin
+# or not. Not a plugin, so it has no ratio of its own; floor/ref is the lowest DEL ratio possible.
+echo "running the veth-delete floor..." >&2
+ip link set "$BR_OURS" up 2>/dev/null || true
+for ((i = 1; i <= N; i++)); do
+  ip link add "dhfl$i" type veth peer name eth9 netns "$NS_PREFIX$i"
+  ip link set "dhfl$i" master "$BR_OURS" up
+  ip -n "$NS_PREFIX$i" link set eth9 up
+done
+for ((i = 1; i <= N; i++)); do
+  t0=${EPOCHREALTIME/./}
+  ip -n "$NS_PREFIX$i" link del eth9
+  t1=${EPOCHREALTIME/./}
+  echo $((t1 - t0)) >>"$WORK/floor-DEL"
+done
+
 stat() { # file -> "median p99" in ms
   sort -n "$1" | awk '{a[NR]=$1} END {
     m = (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2;
@@ -136,3 +154,7 @@ for masq in false true; do
       "$om" "$op99" "$ob" "$rm" "$rp99" "$rb" "$(ratio "$om" "$rm")" "$(ratio "$op99" "$rp99")" "$(ratio "$ob" "$rb")"
   done
 done
+read -r fm fp99 <<<"$(stat "$WORK/floor-DEL")"
+read -r rm rp99 <<<"$(stat "$WORK/ref-DEL-false")"
+printf '\nfloor: `ip link del` of the same veth pair, %s times: median %s ms, p99 %s ms; floor/ref DEL (ipMasq=false) %s\n' \
+  "$N" "$fm" "$fp99" "$(ratio "$fm" "$rm")"

@@ -26,6 +26,8 @@
 #   hack/testbed.sh up; hack/bench/cri.sh [N]     (default 30; needs the test bed's registry)
 #   DH_CRI_RUNTIME_FLAGS="--foo x" hack/bench/cri.sh   extra deckhand-cri flags (see below)
 #   DH_BENCH_LOG=debug hack/bench/cri.sh 5             daemon logs kept in /tmp/dh-bench-cri-*.log
+#   DH_BENCH_SMAPS=DIR hack/bench/cri.sh               /proc/PID/smaps of every measured process
+#                                                      copied to DIR/SIDE-COMM-PID at the measurement
 set -euo pipefail
 
 N=${1:-30}
@@ -270,6 +272,10 @@ mem() {
     [ "$cmd" = "$WORKLOAD " ] && continue
     read -r r s <<<"$(awk '/^Rss:/ {r=$2} /^Pss:/ {p=$2} END {print r+0, p+0}' "/proc/$pid/smaps_rollup" 2>/dev/null)"
     rss=$((rss + ${r:-0})); pss=$((pss + ${s:-0}))
+    if [ -n "${DH_BENCH_SMAPS:-}" ]; then
+      mkdir -p "$DH_BENCH_SMAPS"
+      cp "/proc/$pid/smaps" "$DH_BENCH_SMAPS/$rt-$(cat "/proc/$pid/comm" 2>/dev/null)-$pid" 2>/dev/null || true
+    fi
     names="$names$(cat "/proc/$pid/comm" 2>/dev/null)"$'\n'
   done
   echo "$rss $pss"
