@@ -14,7 +14,9 @@
 # first). Memory: N running pods per runtime; RSS and PSS (/proc/PID/smaps_rollup) summed over the
 # daemon and every process it keeps per pod (containerd + containerd-shim-runc-v2 + pause;
 # deckhand-cri + deckhand-monitor + whatever else it starts), without the containers' own
-# `sleep` processes. Prints medians, p99, totals, memory and the ratios deckhand/containerd.
+# `sleep` processes. Prints medians, p99, totals, memory and the ratios deckhand/containerd;
+# then the conflist's plugins alone, without a runtime (the part of every start and stop that
+# neither runtime can make faster), against containerd's start and stop.
 #
 # It starts its own containerd (root, state, socket, config under /tmp/dh-bench-cri.*, CRI plugin
 # with restrict_oom_score_adj = true, the registry as plain HTTP through certs.d/hosts.toml, the
@@ -42,6 +44,8 @@ REG=${DH_REGISTRY:?}
 CNI_BIN=${CNI_BIN:-/usr/lib/cni}
 SUBNET=${SUBNET:-10.99.0.0/24}
 BRIDGE=dhbench0
+FLOOR_BRIDGE=dhbench1
+FLOOR_SUBNET=10.99.1.0/24
 NET_NAME=dh-bench-cri
 CGROUP_PARENT=/dhbench
 IMAGE=$REG/dh/busybox:latest
@@ -121,6 +125,8 @@ cleanup() {
   iptables_cleanup
   rm -f /var/lib/cni/results/"$NET_NAME"-* 2>/dev/null
   ip link del "$BRIDGE" 2>/dev/null
+  ip link del "$FLOOR_BRIDGE" 2>/dev/null
+  for n in /run/netns/dhbench-cni-$$-*; do [ -e "$n" ] && ip netns del "${n##*/}" 2>/dev/null; done
   for m in $(awk '$9 == "cgroup" || $9 == "cgroup2" {print $5}' /proc/self/mountinfo); do
     [ -d "$m$CGROUP_PARENT" ] && find "$m$CGROUP_PARENT" -depth -type d -exec rmdir {} + 2>/dev/null
   done
@@ -309,6 +315,45 @@ hold() { # RT -> memory figures in $WORK/RT.mem
 }
 for rt in "${RUNTIMES[@]}"; do echo "memory: $rt..." >&2; hold "$rt"; done
 
+# ---- the conflist alone ---------------------------------------------------------------------------
+# The same plugins with the same settings (own bridge, subnet and data dir), called the way a
+# runtime calls them (bridge, then portmap with the bridge's result; DEL in reverse), in N fresh
+# network namespaces one after another, with no runtime at all. Every pod start and stop above
+# includes this work, so (CNI ADD) / (containerd's start) is the lowest start ratio these
+# plugins allow. The clock is $EPOCHREALTIME (no process of the shell's is timed).
+echo "the conflist alone..." >&2
+FLOOR_NS=dhbench-cni-$$-
+cni_floor() { # PLUGIN CMD I STDIN
+  CNI_COMMAND=$2 CNI_CONTAINERID=dhbenchfloor$3 CNI_NETNS=/run/netns/$FLOOR_NS$3 CNI_IFNAME=eth0 \
+    CNI_PATH=$CNI_BIN "$CNI_BIN/$1" <"$4" >"$WORK/floor.out" 2>&1 || {
+    echo "cri.sh: $1 $2 failed: $(cat "$WORK/floor.out")" >&2; return 1; }
+}
+cat >"$WORK/floor-bridge.json" <<JSON
+{"cniVersion":"1.0.0","name":"$NET_NAME-floor","type":"bridge","bridge":"$FLOOR_BRIDGE","isGateway":true,"ipMasq":true,"hairpinMode":true,
+ "ipam":{"type":"host-local","ranges":[[{"subnet":"$FLOOR_SUBNET"}]],"routes":[{"dst":"0.0.0.0/0"}],"dataDir":"$WORK/floor-ipam"}}
+JSON
+PORTMAP_CONF='{"cniVersion":"1.0.0","name":"'$NET_NAME'-floor","type":"portmap","capabilities":{"portMappings":true},"runtimeConfig":{"portMappings":[]}'
+for ((i = 0; i <= N; i++)); do ip netns add "$FLOOR_NS$i"; done
+for ((i = 0; i <= N; i++)); do # 0: warm-up
+  t0=${EPOCHREALTIME/./}
+  cni_floor bridge ADD "$i" "$WORK/floor-bridge.json"
+  IFS= read -r -d '' res <"$WORK/floor.out" || true # a builtin: no fork in the timing
+  printf '%s,"prevResult":%s}' "$PORTMAP_CONF" "$res" >"$WORK/floor-portmap.json"
+  cni_floor portmap ADD "$i" "$WORK/floor-portmap.json"
+  t1=${EPOCHREALTIME/./}
+  [ "$i" = 0 ] || echo $((t1 - t0)) >>"$WORK/floor.add"
+done
+for ((i = 0; i <= N; i++)); do
+  printf '%s}' "$PORTMAP_CONF" >"$WORK/floor-portmap-del.json"
+  t0=${EPOCHREALTIME/./}
+  cni_floor portmap DEL "$i" "$WORK/floor-portmap-del.json"
+  cni_floor bridge DEL "$i" "$WORK/floor-bridge.json"
+  t1=${EPOCHREALTIME/./}
+  [ "$i" = 0 ] || echo $((t1 - t0)) >>"$WORK/floor.del"
+  ip netns del "$FLOOR_NS$i"
+done
+median_ms() { sort -n "$1" | awk '{a[NR]=$1} END { m = (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2; printf "%.2f", m / 1000 }'; }
+
 # ---- report -----------------------------------------------------------------------------------------
 # get FILE KEY FIELD: FIELD (median_ms, p99_ms, ...) of the line KEY; FIELD "" for `KEY value`.
 get() {
@@ -351,4 +396,10 @@ printf 'memory with %s running pods (daemon + per-pod processes, without the con
 printf '  %-28s RSS %8s   PSS %8s\n' "containerd + shims + pause" "$(mib "$crss")" "$(mib "$cpss")"
 printf '  %-28s RSS %8s   PSS %8s\n' "deckhand-cri + monitors" "$(mib "$drss")" "$(mib "$dpss")"
 printf '  %-28s RSS %8s   PSS %8s\n' "deckhand/containerd" "$(ratio "$drss" "$crss")" "$(ratio "$dpss" "$cpss")"
+fa=$(median_ms "$WORK/floor.add"); fd=$(median_ms "$WORK/floor.del")
+printf '\nthe conflist alone (bridge+host-local, portmap; no runtime), %s times, median ms:\n' "$N"
+printf '  ADD %8s   = %s of containerd'"'"'s seq start median: the lowest start ratio these plugins allow\n' \
+  "$fa" "$(ratio "$fa" "$(get "$WORK/ctr.seq" start.pod median_ms)")"
+printf '  DEL %8s   = %s of containerd'"'"'s seq stop median\n' \
+  "$fd" "$(ratio "$fd" "$(get "$WORK/ctr.seq" stop.pod median_ms)")"
 [ "$HAVE_DH" = 1 ] || printf '\ndeckhand-cri has no RuntimeService yet: containerd alone was measured.\n'
