@@ -471,6 +471,27 @@ impl PodCgroups {
         self.update_burstable()
     }
 
+    /// The pod has finished (Succeeded or Failed): its cgroup stays until [`Self::remove_pod`],
+    /// but its cpu requests leave the burstable shares, as upstream's QoS manager counts only
+    /// the active pods. On the blocking pool.
+    pub fn pod_finished(self: &Arc<Self>, uid: &str) -> tokio::task::JoinHandle<()> {
+        let uid = uid.to_string();
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            if me.layout.is_none() {
+                return;
+            }
+            let _io = lock(&me.io);
+            match lock(&me.state).pods.get_mut(&uid) {
+                Some(e) if e.burstable_cpu_millis != 0 => e.burstable_cpu_millis = 0,
+                _ => return,
+            }
+            if let Err(e) = me.update_burstable() {
+                tracing::warn!("updating the burstable QoS cgroup: {e}");
+            }
+        })
+    }
+
     /// Removes the pod's cgroup (killing what is left in it) on the blocking pool, then
     /// updates the burstable shares. Call it once the pod's sandboxes are gone.
     pub fn remove_pod(self: &Arc<Self>, pod: &Pod) -> tokio::task::JoinHandle<()> {
@@ -756,6 +777,18 @@ mod tests {
         fs::write(bd.join("pids.max"), "changed").expect("w");
         pc.ensure_pod(&bp).await.expect("again");
         assert_eq!(read(&bd, "pids.max"), "changed");
+
+        // A finished pod keeps its cgroup but leaves the shares; ensured again, it counts.
+        pc.pod_finished(b).await.expect("join");
+        assert_eq!(pc.burstable_shares(), Some(2));
+        assert_eq!(read(&k.join("burstable"), "cpu.weight"), "1");
+        assert_eq!(read(&bd, "pids.max"), "changed", "the pod's cgroup is kept");
+        pc.pod_finished(g)
+            .await
+            .expect("a Guaranteed pod: nothing to do");
+        assert_eq!(pc.burstable_shares(), Some(2));
+        pc.ensure_pod(&bp).await.expect("active again");
+        assert_eq!(pc.burstable_shares(), Some(1536));
 
         // Removal: the fake directories hold files, so the rmdir fails (logged); the pod
         // leaves the burstable shares either way.

@@ -279,6 +279,40 @@ async fn node_allocatable_qos_and_pod_cgroups() -> Result<()> {
         cpu_shares_are(&burst, 102)
     })
     .await?;
+
+    // A pod that has finished keeps its cgroup until it is deleted, but its requests leave
+    // the burstable tier (upstream counts only active pods).
+    bed.create_pod(
+        "burst-done",
+        json!({ "restartPolicy": "Never", "containers": [{
+            "name": "main", "image": busybox(), "command": ["true"],
+            "resources": {"requests": {"cpu": "200m"}},
+        }] }),
+    )
+    .await?;
+    let done = bed
+        .wait_pod("burst-done", LONG, "pod Succeeded", |p| {
+            if phase(p) == "Succeeded" {
+                Ok(p.clone())
+            } else {
+                Err(format!("status {:?}", p.status))
+            }
+        })
+        .await?;
+    let done_cg = format!("{burstable}/pod{}", uid(&done)?);
+    eventually(LONG, "burstable shares = 100m again", || async {
+        cpu_shares_are(&burst, 102)
+    })
+    .await?;
+    ensure!(
+        Manager::new(&done_cg)?.exists(),
+        "the finished pod's cgroup is kept until deletion"
+    );
+    bed.pods()
+        .delete("burst-done", &DeleteParams::default())
+        .await?;
+    gone(&done_cg).await?;
+    cpu_shares_are(&burst, 102)?.map_err(|e| anyhow!(e))?;
     bed.pods()
         .delete("guaranteed", &DeleteParams::default())
         .await?;

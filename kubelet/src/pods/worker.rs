@@ -1305,8 +1305,9 @@ impl Reconciler for PodWorker {
         self.phase = status.phase.clone();
         let done = matches!(self.phase.as_deref(), Some("Succeeded" | "Failed"));
         if done && !was_done {
-            // It no longer counts against the node's allocatable.
+            // It no longer counts against the node's allocatable, nor in the burstable shares.
             let _ = self.events.send(ManagerEvent::Finished(self.uid.clone()));
+            self.ctx.cgroups.pod_finished(&self.uid);
         }
         self.report(&d, status).await?;
         if done
