@@ -179,8 +179,9 @@ fn parse_proc_cgroup(text: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape(s: &str) -> String {
+/// Undoes `/proc/self/mountinfo`'s octal escapes of a path (space, tab, newline and backslash
+/// are written as `\040`, `\011`, `\012` and `\134`). The bytes, as a path may hold any.
+pub fn unescape_mountinfo(s: &str) -> Vec<u8> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -197,7 +198,11 @@ fn unescape(s: &str) -> String {
             i += 1;
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
+}
+
+fn unescape(s: &str) -> String {
+    String::from_utf8_lossy(&unescape_mountinfo(s)).into_owned()
 }
 
 #[cfg(test)]

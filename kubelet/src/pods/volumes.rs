@@ -18,10 +18,9 @@
 //! visible ([`write_payload_owned`]); hostPath volumes never.
 
 use std::collections::BTreeMap;
-use std::ffi::OsStr;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -896,23 +895,7 @@ fn mount_points() -> Vec<PathBuf> {
 
 /// Undoes mountinfo's octal escapes (`\040` for a space).
 fn unescape_mountinfo(s: &str) -> std::ffi::OsString {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    OsStr::from_bytes(&out).to_os_string()
+    std::ffi::OsString::from_vec(deckhand_cgroups::layout::unescape_mountinfo(s))
 }
 
 /// Mounts a tmpfs of `size` bytes on `dir` unless something is mounted there already;
