@@ -645,29 +645,13 @@ fn parse_cgroup_mounts(mountinfo: &str) -> Vec<PathBuf> {
                 return None;
             }
             let mount_point = left.split_whitespace().nth(4)?;
-            Some(PathBuf::from(unescape_mountinfo(mount_point)))
+            Some(PathBuf::from(
+                <std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(
+                    deckhand_cgroups::layout::unescape_mountinfo(mount_point),
+                ),
+            ))
         })
         .collect()
-}
-
-/// Mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..=i + 3].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Median, p99, min and max of a set of durations, in milliseconds.
