@@ -5,10 +5,12 @@
 # run+delete and the ratio ours/runc; then the peak memory charged to the container's cgroup
 # while it starts (create + start, high-water mark after exit). Release build. Removes everything
 # it creates, also when interrupted. Run as root:  hack/bench/runtime.sh [N]   (default 100)
-# A third row, "floor", is floor-runtime.c (built here with cc): clone into the same namespaces,
-# chroot, exec /bin/true, then one more empty process for the delete. It is what process and
-# namespace creation alone cost on this machine, so floor/runc is the lowest ratio any runtime
-# can reach here.
+# Two more rows are the machine's floors, floor-runtime.c (built here with cc), each followed by
+# one more empty process for the delete: "floor" clones into the same namespaces, chroots and
+# execs /bin/true (process and namespace creation alone); "floor-spec" also does the kernel work
+# the bundle's config asks of any runtime (cgroups with the devices rules, the mounts, masked and
+# read-only paths, device nodes, pivot_root). floor-spec/runc is the lowest ratio a runtime can
+# reach here.
 set -euo pipefail
 
 N=${1:-100}
@@ -27,7 +29,7 @@ TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps 2>/dev/nu
   sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 OURS=${TARGET_DIR:-$ROOT/target}/release/deckhand-runc
 
-IMPLS="ours ref floor"; [ -n "$CRUN" ] && IMPLS="ours ref crun floor"
+IMPLS="ours ref floor floor-spec"; [ -n "$CRUN" ] && IMPLS="ours ref crun floor floor-spec"
 bin_of() { case $1 in ours) echo "$OURS" ;; ref) echo "$RUNC" ;; crun) echo "$CRUN" ;; esac; }
 
 WORK=$(mktemp -d /tmp/dh-bench-runtime.XXXXXX)
@@ -40,6 +42,8 @@ cleanup() {
       [ -d "$d" ] && "$bin" --root "$WORK/root-$r" delete --force "$(basename "$d")" >/dev/null 2>&1
     done
   done
+  # floor-runtime --spec's cgroups, if it was killed before removing them.
+  for d in /sys/fs/cgroup/dhfloor-* /sys/fs/cgroup/*/dhfloor-*; do [ -d "$d" ] && rmdir "$d"; done
   rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
@@ -58,9 +62,10 @@ grep -q '"/bin/true"' "$B/config.json" || { echo "runtime.sh: could not set the 
 one() {
   local bin; bin=$(bin_of "$1")
   local id=dhbench-$1-$2 t0 t1
-  if [ "$1" = floor ]; then
+  if [ "${1%-spec}" = floor ]; then
+    local mode=(); [ "$1" = floor-spec ] && mode=(--spec)
     t0=${EPOCHREALTIME/./}
-    "$FLOOR" "$B/rootfs" >/dev/null 2>"$WORK/err" || {
+    "$FLOOR" "${mode[@]}" "$B/rootfs" >/dev/null 2>"$WORK/err" || {
       echo "runtime.sh: floor-runtime failed: $(cat "$WORK/err")" >&2; return 1; }
     "$FLOOR" >/dev/null 2>&1
     t1=${EPOCHREALTIME/./}
@@ -78,7 +83,7 @@ one() {
 # hybrid mode not supported"): then it is left out, with its reason.
 if [ -n "$CRUN" ] && ! one crun probe 2>"$WORK/crun-err"; then
   echo "runtime.sh: crun left out: $(tail -1 "$WORK/crun-err")" >&2
-  CRUN=; IMPLS="ours ref floor"
+  CRUN=; IMPLS="ours ref floor floor-spec"
 fi
 # Warm up (page cache, first cgroup creation).
 for i in 1 2 3; do for impl in $IMPLS; do one "$impl" "w$i"; done; done
@@ -121,31 +126,33 @@ mem_one() { # IMPL I: appends the peak bytes
   cat "$PEAK" >>"$WORK/mem-$1" 2>/dev/null || echo "runtime.sh: no $PEAK" >&2
   "$bin" --root "$WORK/root-$1" delete --force "$id" >/dev/null 2>&1 || true
 }
-for i in $(seq 1 10); do for impl in ${IMPLS% floor}; do mem_one "$impl" "$i"; done; done
+for i in $(seq 1 10); do for impl in ${IMPLS% floor floor-spec}; do mem_one "$impl" "$i"; done; done
 kib() { sort -n "$1" | awk '{a[NR]=$1} END { printf "%.0f", a[int((NR + 1) / 2)] / 1024 }'; }
 
 read -r om op <<<"$(stat "$WORK/ours")"
 read -r rm rp <<<"$(stat "$WORK/ref")"
 printf '\n%s x (run + delete) of /bin/true, same bundle, ABBA order; ms\n\n' "$((2 * half))"
-printf '%-14s %10s %10s\n' runtime median p99
-printf '%-14s %10s %10s\n' deckhand-runc "$om" "$op" runc "$rm" "$rp"
+printf '%-16s %10s %10s\n' runtime median p99
+printf '%-16s %10s %10s\n' deckhand-runc "$om" "$op" runc "$rm" "$rp"
 if [ -n "$CRUN" ]; then
   read -r cm cp <<<"$(stat "$WORK/crun")"
-  printf '%-14s %10s %10s\n' crun "$cm" "$cp"
+  printf '%-16s %10s %10s\n' crun "$cm" "$cp"
 fi
 read -r fm fp <<<"$(stat "$WORK/floor")"
-printf '%-14s %10s %10s\n' floor "$fm" "$fp"
-printf '%-14s %10s %10s\n' "ours/runc" "$(ratio "$om" "$rm")" "$(ratio "$op" "$rp")"
-printf '%-14s %10s %10s\n' "floor/runc" "$(ratio "$fm" "$rm")" "$(ratio "$fp" "$rp")"
-printf '%-14s %10s %10s\n' "ours/floor" "$(ratio "$om" "$fm")" "$(ratio "$op" "$fp")"
+read -r sm sp <<<"$(stat "$WORK/floor-spec")"
+printf '%-16s %10s %10s\n' floor "$fm" "$fp" floor-spec "$sm" "$sp"
+printf '%-16s %10s %10s\n' "ours/runc" "$(ratio "$om" "$rm")" "$(ratio "$op" "$rp")"
+printf '%-16s %10s %10s\n' "floor/runc" "$(ratio "$fm" "$rm")" "$(ratio "$fp" "$rp")"
+printf '%-16s %10s %10s\n' "floor-spec/runc" "$(ratio "$sm" "$rm")" "$(ratio "$sp" "$rp")"
+printf '%-16s %10s %10s\n' "ours/floor-spec" "$(ratio "$om" "$sm")" "$(ratio "$op" "$sp")"
 if [ -n "$CRUN" ]; then
-  printf '%-14s %10s %10s\n' "crun/runc" "$(ratio "$cm" "$rm")" "$(ratio "$cp" "$rp")"
-  printf '%-14s %10s %10s\n' "ours/crun" "$(ratio "$om" "$cm")" "$(ratio "$op" "$cp")"
+  printf '%-16s %10s %10s\n' "crun/runc" "$(ratio "$cm" "$rm")" "$(ratio "$cp" "$rp")"
+  printf '%-16s %10s %10s\n' "ours/crun" "$(ratio "$om" "$cm")" "$(ratio "$op" "$cp")"
 fi
 if [ -s "$WORK/mem-ours" ] && [ -s "$WORK/mem-ref" ]; then
   mo=$(kib "$WORK/mem-ours"); mr=$(kib "$WORK/mem-ref")
   printf '\npeak memory charged to the container cgroup during start (median of 10); KiB\n\n'
-  printf '%-14s %10s\n' deckhand-runc "$mo" runc "$mr"
-  [ -s "$WORK/mem-crun" ] && printf '%-14s %10s\n' crun "$(kib "$WORK/mem-crun")"
-  printf '%-14s %10s\n' "ours/runc" "$(ratio "$mo" "$mr")"
+  printf '%-16s %10s\n' deckhand-runc "$mo" runc "$mr"
+  [ -s "$WORK/mem-crun" ] && printf '%-16s %10s\n' crun "$(kib "$WORK/mem-crun")"
+  printf '%-16s %10s\n' "ours/runc" "$(ratio "$mo" "$mr")"
 fi
