@@ -655,6 +655,65 @@ async fn exec_in(p: &Pod, cmd: &[&str]) -> Result<i32> {
     Ok(r.exit_code)
 }
 
+/// A static pod's readiness gates are set on its mirror pod, the only object controllers see.
+#[tokio::test]
+async fn a_static_pods_readiness_gates_are_read_from_its_mirror_pod() -> Result<()> {
+    const GATE: &str = "dh.example/gate";
+    let bed = Bed::start("pod-static-gate", true).await?;
+    let manifest = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": "gated", "namespace": bed.ns },
+        "spec": { "hostNetwork": true, "terminationGracePeriodSeconds": 2,
+                  "readinessGates": [{"conditionType": GATE}],
+                  "containers": [{ "name": "main", "image": busybox(), "command": ["sleep", "3600"] }] },
+    });
+    let file = bed.static_dir().join("gated.yaml");
+    std::fs::write(&file, serde_yaml_ng::to_string(&manifest)?)?;
+    let name = format!("gated-{}", bed.node);
+    bed.wait_pod(
+        &name,
+        LONG,
+        "mirror ContainersReady but not Ready",
+        |p| match (condition_of(p, "ContainersReady"), condition_of(p, "Ready")) {
+            (Some(c), Some(r)) if c.0 == "True" && r.0 == "False" => {
+                if r.1.as_deref() == Some("ReadinessGatesNotReady") {
+                    Ok(())
+                } else {
+                    Err(format!("Ready's reason {:?}", r.1))
+                }
+            }
+            _ => Err(format!("{:?}", p.status)),
+        },
+    )
+    .await?;
+    let patch = json!({ "status": { "conditions": [{ "type": GATE, "status": "True",
+        "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string() }] } });
+    bed.pods()
+        .patch_status(
+            &name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Strategic(&patch),
+        )
+        .await?;
+    bed.wait_pod(&name, LONG, "mirror Ready once the gate is True", |p| {
+        let gate = condition_of(p, GATE).map(|c| c.0);
+        match condition_of(p, "Ready") {
+            Some((s, None, None)) if s == "True" && gate.as_deref() == Some("True") => Ok(()),
+            _ => Err(format!("{:?}", p.status)),
+        }
+    })
+    .await?;
+    std::fs::remove_file(&file)?;
+    eventually(LONG, "mirror pod gone", || async {
+        Ok(match bed.pods().get_opt(&name).await? {
+            None => Ok(()),
+            Some(_) => Err("still there".to_string()),
+        })
+    })
+    .await?;
+    bed.pass()
+}
+
 #[tokio::test]
 async fn readiness_gates_hold_ready_until_their_condition_is_true() -> Result<()> {
     const GATE: &str = "dh.example/gate";

@@ -179,8 +179,11 @@ impl PodManager {
         self.mirrors.subscribe()
     }
 
-    fn set(&mut self, source: Source, pod: Pod, removed: bool) {
+    fn set(&mut self, source: Source, mut pod: Pod, removed: bool) {
         let Some(uid) = uid_of(&pod) else { return };
+        if source == Source::File {
+            self.mirror_conditions(&mut pod);
+        }
         if self.pending.contains_key(&uid) || (!removed && !self.workers.contains_key(&uid)) {
             // Not admitted yet: started (or refused) by `admit_pending`; a removed pod that
             // was never started is just forgotten.
@@ -366,6 +369,21 @@ impl PodManager {
         }
     }
 
+    /// A static pod's conditions are its mirror pod's: other controllers set its readiness
+    /// gates' conditions there (upstream's status manager merges them from the API's pod).
+    /// None while it has no mirror.
+    fn mirror_conditions(&self, pod: &mut Pod) {
+        let conditions = self
+            .mirrors
+            .borrow()
+            .get(&spec::full_name(pod))
+            .and_then(|m| m.status.as_ref())
+            .and_then(|s| s.conditions.clone());
+        if conditions.is_some() || pod.status.is_some() {
+            pod.status.get_or_insert_with(Default::default).conditions = conditions;
+        }
+    }
+
     fn update_mirror(&mut self, pod: &Pod, gone: bool) {
         let name = spec::full_name(pod);
         self.mirrors.send_modify(|m| {
@@ -375,12 +393,18 @@ impl PodManager {
                 m.insert(name.clone(), pod.clone());
             }
         });
-        // The static pod's worker reports status to its mirror: wake it.
+        // The static pod's worker reports status to its mirror: wake it, with the mirror's
+        // conditions.
         let statics = self.statics.borrow().get(&name).and_then(uid_of);
         if let Some(uid) = statics
             && let Some(h) = self.workers.get(&uid)
         {
+            let (current, removed) = {
+                let d = h.desired.borrow();
+                ((*d.pod).clone(), d.removed)
+            };
             h.trigger.notify_one();
+            self.set(Source::File, current, removed);
         }
     }
 
