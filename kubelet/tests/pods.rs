@@ -414,13 +414,7 @@ async fn a_static_pod_runs_has_a_mirror_pod_and_stops_when_its_file_goes() -> Re
         })
     })
     .await?;
-    eventually(LONG, "mirror pod gone", || async {
-        Ok(match bed.pods().get_opt(&name).await? {
-            None => Ok(()),
-            Some(_) => Err("still there".to_string()),
-        })
-    })
-    .await?;
+    mirror_gone(&bed, &name).await?;
     bed.pass()
 }
 
@@ -655,6 +649,17 @@ async fn exec_in(p: &Pod, cmd: &[&str]) -> Result<i32> {
     Ok(r.exit_code)
 }
 
+/// Waits until the mirror pod `name` is gone from the API server.
+async fn mirror_gone(bed: &Bed, name: &str) -> Result<()> {
+    eventually(LONG, "mirror pod gone", || async {
+        Ok(match bed.pods().get_opt(name).await? {
+            None => Ok(()),
+            Some(_) => Err("still there".to_string()),
+        })
+    })
+    .await
+}
+
 /// A static pod's readiness gates are set on its mirror pod, the only object controllers see.
 #[tokio::test]
 async fn a_static_pods_readiness_gates_are_read_from_its_mirror_pod() -> Result<()> {
@@ -704,13 +709,7 @@ async fn a_static_pods_readiness_gates_are_read_from_its_mirror_pod() -> Result<
     })
     .await?;
     std::fs::remove_file(&file)?;
-    eventually(LONG, "mirror pod gone", || async {
-        Ok(match bed.pods().get_opt(&name).await? {
-            None => Ok(()),
-            Some(_) => Err("still there".to_string()),
-        })
-    })
-    .await?;
+    mirror_gone(&bed, &name).await?;
     bed.pass()
 }
 
