@@ -14,11 +14,16 @@
 /// library (here: the build host's, as Deckhand is built on the node it runs on) is glibc 2.36
 /// or later.
 fn pack_relative_relocs() {
-    let gnu_linux = std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux")
-        && std::env::var("CARGO_CFG_TARGET_ENV").as_deref() == Ok("gnu");
-    if gnu_linux && glibc_at_least(2, 36) {
+    println!("cargo:rerun-if-changed=../build-support/relr.rs");
+    if gnu_linux_target() && glibc_at_least(2, 36) {
         println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
     }
+}
+
+/// Whether the crate is built for Linux with glibc.
+fn gnu_linux_target() -> bool {
+    std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux")
+        && std::env::var("CARGO_CFG_TARGET_ENV").as_deref() == Ok("gnu")
 }
 
 /// The build host's glibc version, from `getconf GNU_LIBC_VERSION` ("glibc 2.36").

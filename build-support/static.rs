@@ -1,13 +1,13 @@
 // Included by the build scripts of the crates whose short-lived or per-container binaries are
-// linked statically (`include!`, after `relr.rs`, whose `glibc_at_least` it uses).
+// linked statically (`include!`, after `relr.rs`, whose `gnu_linux_target` and
+// `glibc_at_least` it uses).
 //
 // A dynamically linked binary pays for the loader on every start and for the C library's
 // mappings for its whole life: mapping ld.so, libc and libgcc_s, resolving their symbols, and
 // the private pages their relocations and data dirty, about 65 KiB per process (measured on 30
 // deckhand-monitors with /proc/<pid>/smaps: Pss 164 KiB and Private_Dirty 134 KiB each when
-// dynamic, 100 and 68 KiB static). That is
-// per container for the monitor, and a fifth of a CNI plugin's or deckhand-runc's start-up
-// time. None of these binaries uses what a static glibc cannot do (NSS lookups, dlopen).
+// dynamic, 100 and 68 KiB static). That is per container for the monitor, and a fifth of a
+// CNI plugin's or deckhand-runc's start-up time. None of these binaries uses what a static glibc cannot do (NSS lookups, dlopen).
 //
 // Cargo has no per-binary `crt-static`, and rustc links std against `-lgcc_s -lc -lm …` in
 // dynamic mode (`-Wl,-Bdynamic`) whatever the link arguments. So each static binary gets
@@ -29,9 +29,7 @@ enum Static {
 /// Links `bins` statically if the target and the build host allow it (see above).
 fn link_statically(bins: &[(&str, Static)]) {
     println!("cargo:rerun-if-changed=../build-support/static.rs");
-    let gnu_linux = std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux")
-        && std::env::var("CARGO_CFG_TARGET_ENV").as_deref() == Ok("gnu");
-    if !gnu_linux || !glibc_at_least(2, 34) {
+    if !gnu_linux_target() || !glibc_at_least(2, 34) {
         return;
     }
     let Some(dir) = static_lib_dir() else {

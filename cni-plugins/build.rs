@@ -5,7 +5,6 @@ include!("../build-support/relr.rs");
 include!("../build-support/static.rs");
 
 fn main() {
-    println!("cargo:rerun-if-changed=../build-support/relr.rs");
     pack_relative_relocs();
     link_statically(&[
         ("deckhand-bridge", Static::Pie),

@@ -16,7 +16,6 @@ include!("../build-support/relr.rs");
 include!("../build-support/static.rs");
 
 fn main() {
-    println!("cargo:rerun-if-changed=../build-support/relr.rs");
     println!("cargo:rustc-link-arg-bin=deckhand-monitor=-no-pie");
     pack_relative_relocs();
     link_statically(&[

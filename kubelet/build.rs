@@ -2,6 +2,5 @@
 include!("../build-support/relr.rs");
 
 fn main() {
-    println!("cargo:rerun-if-changed=../build-support/relr.rs");
     pack_relative_relocs();
 }

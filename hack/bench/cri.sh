@@ -343,8 +343,8 @@ for ((i = 0; i <= N; i++)); do # 0: warm-up
   t1=${EPOCHREALTIME/./}
   [ "$i" = 0 ] || echo $((t1 - t0)) >>"$WORK/floor.add"
 done
+printf '%s}' "$PORTMAP_CONF" >"$WORK/floor-portmap-del.json"
 for ((i = 0; i <= N; i++)); do
-  printf '%s}' "$PORTMAP_CONF" >"$WORK/floor-portmap-del.json"
   t0=${EPOCHREALTIME/./}
   cni_floor portmap DEL "$i" "$WORK/floor-portmap-del.json"
   cni_floor bridge DEL "$i" "$WORK/floor-bridge.json"
